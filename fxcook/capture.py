@@ -1,0 +1,198 @@
+"""Capture a PyTorch model as a hierarchy of FX graphs.
+
+`torch.export(strict=False)` captures every HF family tried (symbolic_trace captures none); the flat
+graph is then unflattened so every module, transformer blocks included, stays a callable submodule
+with its own graph. That keeps FSDP2's per-block sharding hooks working and lets passes address
+blocks by path. Linear leaves become `CookedLinear`, the single site type passes rewrite.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.export.unflatten import InterpreterModule, UnflattenedModule
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+from .nn import CookedLinear
+
+LINEAR_TYPES = ("Linear", "Conv1D")
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Normalise example inputs to (args, kwargs): a mapping is kwargs, a tuple/list is args."""
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    raise CaptureError(
+        f"example_inputs must be a tensor, a tuple/list of positional inputs or a mapping of keyword "
+        f"inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _dynamic_spec(value: Any) -> Any:
+    """Let export decide which of the batch and sequence dims are dynamic (Dim.AUTO)."""
+    if isinstance(value, torch.Tensor):
+        return {i: Dim.AUTO for i in range(min(value.dim(), 2))} or None
+    return None
+
+
+@contextlib.contextmanager
+def _capture_mode(model: nn.Module):
+    """Capture the inference graph (no dropout) without a KV cache (HF cache objects are not
+    pytrees); restore every module's mode and the config afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
+    model.eval()
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for c in configs.values():
+            c.use_cache = True
+
+
+def _blame(exc: BaseException, model: nn.Module) -> str:
+    """Name the innermost module of `model` whose forward raised `exc` (or its causes)."""
+    names = {id(m): (n or type(model).__name__) for n, m in model.named_modules()}
+    culprit, seen, e = None, set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if owner is not None and id(owner) in names:
+                culprit = f"{names[id(owner)]} ({type(owner).__name__}, line {tb.tb_lineno} of {tb.tb_frame.f_code.co_filename})"
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return culprit or type(model).__name__
+
+
+def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """`torch.export(strict=False)` with dynamic batch/sequence dims and errors that name the module."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    args, kwargs = split_inputs(example_inputs)
+    shapes = None
+    if dynamic:
+        try:
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
+        shapes = {k: pytree.tree_map(_dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
+                  for k, v in bound.items()}
+    with _capture_mode(model):
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as exc:  # export raises many types; all become one clear error
+            construct = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(
+                f"cannot capture module {_blame(exc, model)}: {type(exc).__name__}: {construct}"
+            ) from exc
+
+
+def _tensor_placeholders(graph: torch.fx.Graph) -> list[int]:
+    """Positions of the placeholders that carry tensors (unflatten also passes SymInts)."""
+    out = []
+    for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        val = node.meta.get("val")
+        if val is None or isinstance(val, torch.Tensor):
+            out.append(i)
+    return out
+
+
+def _calls(root: nn.Module) -> dict[str, list[tuple[nn.Module, torch.fx.Node]]]:
+    """Map each submodule path to the (parent module, call_module node) pairs that call it."""
+    out: dict[str, list] = {}
+    for path, mod in root.named_modules(remove_duplicate=False):
+        graph = getattr(mod, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op == "call_module":
+                full = f"{path}.{node.target}" if path else node.target
+                out.setdefault(full, []).append((mod, node))
+    return out
+
+
+def finalize(module: nn.Module) -> None:
+    """Recompile every graph in the hierarchy and run it as generated code, not the interpreter."""
+    for mod in module.modules():
+        if isinstance(mod, (InterpreterModule, UnflattenedModule)):
+            for node in mod.graph.nodes:
+                if node.name == "self":  # a child called `self` (BERT) would shadow the module in generated code
+                    node._rename("self_module")
+            mod.graph.lint()
+            mod.finalize()
+            mod._run_with_interpreter = False
+
+
+def _leaf_is_linear(mod: nn.Module) -> bool:
+    graph = getattr(mod, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return False
+    ops = [n.target for n in graph.nodes if n.op == "call_function"]
+    gemms = [t for t in ops if t in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)]
+    return len(gemms) == 1 and not any(n.op == "call_module" for n in graph.nodes)
+
+
+def _own(p: torch.Tensor | None, memo: dict[int, torch.Tensor], inplace: bool = False):
+    """The captured model's copy of `p` (one copy per original tensor, so ties survive)."""
+    if p is None or inplace:
+        return p
+    if id(p) not in memo:
+        memo[id(p)] = (
+            nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            if isinstance(p, nn.Parameter) else p.detach().clone()
+        )
+    return memo[id(p)]
+
+
+def _clone_state(root: nn.Module, memo: dict[int, torch.Tensor]) -> None:
+    """Give the captured hierarchy its own parameters and buffers."""
+    for mod in root.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in list(table.items()):
+                table[name] = _own(t, memo)
+
+
+def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Unflatten `ep` into a module hierarchy with CookedLinear leaves and (unless inplace) own state."""
+    root = torch.export.unflatten(ep)
+    originals = dict(model.named_modules())
+    memo: dict[int, torch.Tensor] = {}
+    calls = _calls(root)
+    for path, orig in originals.items():
+        if type(orig).__name__ not in LINEAR_TYPES or path not in calls:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = root.get_submodule(parent_path)
+        current = getattr(parent, name)
+        if not _leaf_is_linear(current):
+            continue
+        keep = _tensor_placeholders(current.graph)[:1]
+        if len(keep) != 1:
+            continue
+        if type(orig).__name__ == "Conv1D":
+            cooked = CookedLinear.from_module(orig)
+        else:
+            cooked = CookedLinear(_own(orig.weight, memo, inplace), _own(orig.bias, memo, inplace))
+        setattr(parent, name, cooked)
+        for _, node in calls[path]:
+            node.args = (node.args[keep[0]],)
+            node.kwargs = {}
+    if not inplace:
+        _clone_state(root, memo)
+    finalize(root)
+    return root

@@ -1,0 +1,60 @@
+"""CookedModel: the captured module hierarchy plus its site index and pass history.
+
+It *is* the unflattened module (its class is extended in place at capture), so its parameter names
+and state_dict keys are the original model's, FSDP2 can shard its blocks, and it is called like the
+original model and returns the same output type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.export.unflatten import UnflattenedModule
+
+from .capture import finalize
+from .passbase import Change
+from .sites import SiteIndex
+
+
+@dataclass
+class PassRecord:
+    """One pass as run: what it was, what it changed, and the model's size afterwards."""
+
+    name: str
+    spec: str
+    changes: list[Change] = field(default_factory=list)
+    params: int = 0
+    activated: float = 0.0
+
+
+class CookedModel(UnflattenedModule):
+    """A compiled model: call it like the original; inspect `.sites`, `.history`, `.report()`."""
+
+    sites: SiteIndex
+    history: list[PassRecord]
+    module_types: dict[str, str]
+
+    @classmethod
+    def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str]) -> "CookedModel":
+        root.__class__ = cls
+        root.sites = sites
+        root.history = []
+        root.module_types = module_types
+        return root
+
+    def swap(self, path: str, module: nn.Module) -> nn.Module:
+        """Replace the submodule at `path` (every call site keeps calling it); returns the old one."""
+        parent_path, _, name = path.rpartition(".")
+        parent = self.get_submodule(parent_path)
+        old = getattr(parent, name)
+        setattr(parent, name, module)
+        return old
+
+    def recompile(self) -> None:
+        """Lint and regenerate the code of every graph after an edit."""
+        finalize(self)
+
+    def report(self, per_layer: bool = False) -> str:
+        from .report import render
+
+        return render(self, per_layer=per_layer)

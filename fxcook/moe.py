@@ -1,0 +1,446 @@
+"""Routed-expert FFNs (MoEfication): expert construction, routers, and the routed module.
+
+A dense FFN ``down(act(up(x)))`` (or gated ``down(act(gate(x)) * up(x))``) is split into E
+experts by partitioning its intermediate neurons into E equal groups and permuting the weights
+into an expert-major layout ``[E, m, d]`` / ``[E, d, m]``. Every parameter value is kept, so with
+all experts active the module computes the original FFN; with top-k of E experts it computes only
+the chosen experts per token (tokens grouped per expert, one GEMM per expert), which is where the
+real compute saving comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "ACTIVATIONS",
+    "ExpertLinear",
+    "MLPRouter",
+    "MoEFFN",
+    "balanced_kmeans",
+    "coactivation_partition",
+    "router_recall",
+    "train_router",
+]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Expert construction
+# --------------------------------------------------------------------------------------------
+
+
+def _balanced_assign(dist: torch.Tensor, size: int) -> torch.Tensor:
+    """Exact size-constrained assignment: each cluster gets `size` points, total distance minimal.
+
+    Solved as a linear assignment of points to `size` copies of every centroid.
+    """
+    cost = np.repeat(dist.double().cpu().numpy(), size, axis=1)
+    rows, cols = linear_sum_assignment(cost)
+    labels = np.empty(dist.shape[0], dtype=np.int64)
+    labels[rows] = cols // size
+    return torch.from_numpy(labels)
+
+
+def balanced_kmeans(points: torch.Tensor, clusters: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
+    """Balanced k-means: labels [n] with every cluster holding exactly n / clusters points.
+
+    MoEfication's parameter clustering runs this on the L2-normalised rows of the input projection
+    (one row per intermediate neuron), so neurons with similar input directions share an expert.
+    """
+    n = points.shape[0]
+    if clusters <= 0 or n % clusters:
+        raise ValueError(f"balanced_kmeans: {n} points cannot be split into {clusters} equal clusters")
+    size = n // clusters
+    points = points.detach().float().cpu()
+    gen = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randperm(n, generator=gen)[:clusters]].clone()
+    labels = None
+    for _ in range(iters):
+        new = _balanced_assign(torch.cdist(points, centroids), size)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        centroids = torch.zeros_like(centroids).index_add_(0, labels, points) / size
+    return labels
+
+
+def coactivation_partition(active: torch.Tensor, clusters: int, seed: int = 0) -> torch.Tensor:
+    """Partition neurons into equal groups that fire together, from calibration activations.
+
+    `active` is [tokens, neurons] (bool or activation values; > 0 counts as firing). The
+    co-activation graph has edge weight = how often two neurons fire on the same token; a spectral
+    embedding of its normalised adjacency followed by balanced k-means gives a balanced graph
+    partition (few strong edges cut) without a METIS dependency.
+    """
+    a = (active.detach().reshape(-1, active.shape[-1]) > 0).float().cpu()
+    n = a.shape[1]
+    if clusters <= 0 or n % clusters:
+        raise ValueError(f"coactivation_partition: {n} neurons cannot be split into {clusters} equal groups")
+    co = a.T @ a
+    co.fill_diagonal_(0)
+    deg = co.sum(1).clamp_min(1e-6)
+    norm = co / deg.sqrt()[:, None] / deg.sqrt()[None, :]
+    _, vecs = torch.linalg.eigh(norm.double())
+    emb = vecs[:, -clusters:].float()
+    emb = F.normalize(emb, dim=1)
+    return balanced_kmeans(emb, clusters, seed=seed)
+
+
+def _check_labels(labels: torch.Tensor, experts: int) -> torch.Tensor:
+    """Expert-major neuron order from equal-size labels."""
+    counts = torch.bincount(labels, minlength=experts)
+    if counts.numel() != experts or not bool((counts == counts[0]).all()):
+        raise ValueError(f"expert labels must form {experts} equal groups, got sizes {counts.tolist()}")
+    return torch.argsort(labels, stable=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert weights with inherited compression hooks
+# --------------------------------------------------------------------------------------------
+
+
+class ExpertLinear(nn.Module):
+    """One FFN projection in expert-major layout, keeping the source linear's hooks.
+
+    `split="out"` (up/gate): weight [E, m, in] = rows of the [F, in] weight in expert order.
+    `split="in"` (down): weight [E, out, m] = columns of the [out, F] weight in expert order.
+    `weight_quant` is applied to the weight rebuilt in its original neuron order, so any
+    per-channel state it holds still lines up; masks are permuted with the weight.
+    """
+
+    def __init__(self, linear: nn.Module, perm: torch.Tensor, experts: int, split: Literal["out", "in"]):
+        super().__init__()
+        w = linear.weight.detach()
+        out_f, in_f = w.shape
+        self.split = split
+        self.experts = experts
+        self.register_buffer("perm", perm.clone(), persistent=False)
+        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+        self.weight = nn.Parameter(self._to_experts(w).clone())
+        bias = getattr(linear, "bias", None)
+        if bias is not None and split == "out":
+            self.bias = nn.Parameter(bias.detach()[perm].reshape(experts, -1).clone())
+        elif bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.bias = None
+        mask = getattr(linear, "weight_mask", None)
+        self.register_buffer("weight_mask", None if mask is None else self._to_experts(mask.detach()).clone())
+        self.weight_quant = getattr(linear, "weight_quant", None)
+        self.input_quant = getattr(linear, "input_quant", None)
+        self.shape_2d = (out_f, in_f)
+
+    def _to_experts(self, w: torch.Tensor) -> torch.Tensor:
+        if self.split == "out":
+            return w[self.perm].reshape(self.experts, -1, w.shape[1])
+        return w[:, self.perm].reshape(w.shape[0], self.experts, -1).permute(1, 0, 2).contiguous()
+
+    def _from_experts(self, w: torch.Tensor) -> torch.Tensor:
+        """The [out, in] matrix in the original neuron order."""
+        if self.split == "out":
+            return w.reshape(-1, w.shape[-1])[self.inv_perm]
+        return w.permute(1, 0, 2).reshape(w.shape[1], -1)[:, self.inv_perm]
+
+    def effective_weight(self) -> torch.Tensor:
+        """quant(weight * mask) in expert layout, matching CookedLinear.effective_weight()."""
+        w = self.weight if self.weight_mask is None else self.weight * self.weight_mask
+        if self.weight_quant is not None:
+            w = self._to_experts(self.weight_quant(self._from_experts(w)))
+        return w
+
+    def dense_weight(self) -> torch.Tensor:
+        """Effective weight as one [out, in] matrix in expert-major neuron order (all experts)."""
+        w = self.effective_weight()
+        if self.split == "out":
+            return w.reshape(-1, w.shape[-1])
+        return w.permute(1, 0, 2).reshape(w.shape[1], -1)
+
+    @property
+    def bits(self) -> int:
+        return int(getattr(self.weight_quant, "bits", 32)) if self.weight_quant is not None else 32
+
+    @property
+    def density(self) -> float:
+        return 1.0 if self.weight_mask is None else float(self.weight_mask.float().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Routers
+# --------------------------------------------------------------------------------------------
+
+
+class MLPRouter(nn.Module):
+    """MoEfication's learned router: Linear(d, E) -> tanh -> Linear(E, E) on x / ||x||."""
+
+    def __init__(self, hidden: int, experts: int, centroids: torch.Tensor | None = None):
+        super().__init__()
+        self.proj = nn.Linear(hidden, experts, bias=False)
+        self.mix = nn.Linear(experts, experts, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.eye(experts))
+            if centroids is not None:
+                self.proj.weight.copy_(centroids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(torch.tanh(self.proj(F.normalize(x, dim=-1))))
+
+
+def router_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
+    """Share of the true activation mass caught by the top-k experts the scores choose."""
+    idx = scores.topk(k, dim=-1).indices
+    caught = mass.gather(-1, idx).sum(-1)
+    total = mass.sum(-1)
+    return float(caught.sum() / total.sum().clamp_min(1e-12))
+
+
+def train_router(
+    router: nn.Module,
+    hidden: torch.Tensor,
+    mass: torch.Tensor,
+    k: int,
+    epochs: int = 30,
+    lr: float = 1e-2,
+    batch_size: int = 512,
+    holdout: float = 0.1,
+    seed: int = 0,
+    desc: str = "router",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Fit `router` to the experts' activation mass with BCE; returns held-out recall.
+
+    Targets are the per-expert activation mass divided by its maximum over the calibration set;
+    tokens are split 90/10 (by default) into train and held-out sets.
+    """
+    hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float()
+    mass = mass.detach().reshape(-1, mass.shape[-1]).float()
+    n = hidden.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    n_val = max(1, int(round(n * holdout))) if n > 1 else 0
+    val, tr = order[:n_val], order[n_val:]
+    if tr.numel() == 0:
+        tr = val
+    target = mass / mass.max().clamp_min(1e-12)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    router.train()
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    loss_value = float("nan")
+    for _ in bar:
+        perm = tr[torch.randperm(tr.numel(), generator=gen)]
+        for start in range(0, perm.numel(), batch_size):
+            b = perm[start : start + batch_size]
+            loss = F.binary_cross_entropy_with_logits(router(hidden[b]), target[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+    router.eval()
+    with torch.no_grad():
+        recall = router_recall(router(hidden[val]), mass[val], k)
+    return {"recall": recall, "loss": loss_value, "train_tokens": int(tr.numel()), "val_tokens": int(val.numel())}
+
+
+# --------------------------------------------------------------------------------------------
+# The routed FFN
+# --------------------------------------------------------------------------------------------
+
+
+def _route(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Group (token, expert) slots by expert: slot order, token of each slot, slots per expert."""
+    experts = scores.shape[-1]
+    chosen = scores.topk(k, dim=-1).indices.reshape(-1)
+    order = torch.argsort(chosen, stable=True)
+    counts = torch.bincount(chosen, minlength=experts).tolist()
+    return order, order // k, counts
+
+
+def routed_ffn(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    down: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    k: int,
+    act: str,
+    hidden_quant: nn.Module | None = None,
+) -> torch.Tensor:
+    """Top-k routed FFN over tokens x [T, d]; weights in expert-major layout.
+
+    up/gate [E, m, d], down [E, d, m]; the activation applies to gate (gated) or up (plain).
+    Only the chosen experts run: tokens are grouped per expert and each expert does one GEMM
+    (torch._grouped_mm on CUDA, a loop of GEMMs elsewhere). `hidden_quant` (the down
+    projection's input fake-quant) sees each token's active intermediate values together.
+    """
+    fn = ACTIVATIONS[act]
+    order, token, counts = _route(scores, k)
+    xs = x.index_select(0, token)
+    use_grouped = x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+
+    def gemm(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        # a: [slots, in] grouped by expert, w: [E, out, in], b: [E, out] or None.
+        if use_grouped:
+            offs = torch.tensor(counts, device=a.device).cumsum(0).to(torch.int32)
+            y = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+            if b is not None:
+                y = y + b.repeat_interleave(torch.tensor(counts, device=a.device), dim=0, output_size=a.shape[0])
+            return y
+        parts, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                seg = a[start : start + c]
+                parts.append(seg @ w[e].T if b is None else torch.addmm(b[e], seg, w[e].T))
+            start += c
+        return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
+
+    h = fn(gemm(xs, gate if gate is not None else up, gate_bias if gate is not None else up_bias))
+    if gate is not None:
+        h = h * gemm(xs, up, up_bias)
+    if hidden_quant is not None:
+        inv = torch.argsort(order)
+        h = hidden_quant(h[inv].reshape(x.shape[0], -1)).reshape(h.shape)[order]
+    y = gemm(h, down, None)
+    out = x.new_zeros(x.shape[0], down.shape[1]).index_add(0, token, y)
+    if down_bias is not None:
+        out = out + down_bias
+    return out
+
+
+class MoEFFN(nn.Module):
+    """A whole FFN as E routed experts (expert-major weights), computing the top-k per token.
+
+    `router="oracle"` scores each expert by its true activation mass (needs the dense up
+    projection: a quality reference, not a speedup); `router="mlp"` uses a trained `MLPRouter`.
+    With `top_k == experts` the module computes the original FFN (dense GEMMs, same values).
+    """
+
+    def __init__(
+        self,
+        up: nn.Module,
+        down: nn.Module,
+        act: str,
+        labels: torch.Tensor,
+        experts: int,
+        top_k: int,
+        gate: nn.Module | None = None,
+        router: Literal["oracle", "mlp"] = "mlp",
+    ):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"MoEFFN: activation {act!r} not supported (known: {sorted(ACTIVATIONS)})")
+        width = up.weight.shape[0]
+        if experts <= 0 or width % experts:
+            raise ValueError(f"MoEFFN: {experts} experts do not divide the FFN width {width}")
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"MoEFFN: top_k={top_k} must be in 1..experts={experts}")
+        perm = _check_labels(labels, experts)
+        self.experts, self.top_k, self.act, self.router_kind = experts, top_k, act, router
+        self.hidden_size = up.weight.shape[1]
+        self.register_buffer("labels", labels.clone(), persistent=False)
+        self.up = ExpertLinear(up, perm, experts, "out")
+        self.gate = None if gate is None else ExpertLinear(gate, perm, experts, "out")
+        self.down = ExpertLinear(down, perm, experts, "in")
+        self.router = None
+        if router == "mlp":
+            self.router = MLPRouter(self.hidden_size, experts, self.centroids())
+        elif router != "oracle":
+            raise ValueError(f"MoEFFN: router must be 'oracle' or 'mlp', got {router!r}")
+
+    @property
+    def activated(self) -> ExpertLinear:
+        """The projection the activation applies to (gate if gated, else up)."""
+        return self.gate if self.gate is not None else self.up
+
+    def centroids(self) -> torch.Tensor:
+        """Mean L2-normalised activated-projection row per expert: the router's initial weights."""
+        w = F.normalize(self.activated.weight.detach().float(), dim=-1)
+        return w.mean(1)
+
+    def intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense intermediate activations [T, E, m] (all experts): for oracle scores and calibration."""
+        a = self.activated
+        h = ACTIVATIONS[self.act](F.linear(x, a.dense_weight(), None if a.bias is None else a.bias.reshape(-1)))
+        if self.gate is not None:
+            h = h * F.linear(x, self.up.dense_weight(), None if self.up.bias is None else self.up.bias.reshape(-1))
+        return h.reshape(*h.shape[:-1], self.experts, -1)
+
+    def expert_mass(self, x: torch.Tensor) -> torch.Tensor:
+        """True activation mass per expert [T, E]: the oracle's scores and the router's target."""
+        return self.intermediate(self._quant_in(x)).abs().sum(-1)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is None:
+            return self.expert_mass(x)
+        return self.router(x)
+
+    def _quant_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.up.input_quant is None else self.up.input_quant(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        scores = self.scores(x2)
+        xq = self._quant_in(x2)
+        up_b = self.up.bias
+        gate_w = None if self.gate is None else self.gate.effective_weight()
+        gate_b = None if self.gate is None else self.gate.bias
+        if torch.compiler.is_exporting():
+            import fxcook.ops.moe  # noqa: F401  (registers torch.ops.fxcook.moe_ffn)
+
+            out = torch.ops.fxcook.moe_ffn(
+                xq, scores, self.up.effective_weight(), up_b, gate_w, gate_b,
+                self.down.effective_weight(), self.down.bias, self.top_k, self.act, self.weight_bits,
+            )
+        elif self.top_k == self.experts:
+            h = self.intermediate(xq).reshape(x2.shape[0], -1)
+            if self.down.input_quant is not None:
+                h = self.down.input_quant(h)
+            out = F.linear(h, self.down.dense_weight(), self.down.bias)
+        else:
+            out = routed_ffn(
+                xq, scores, self.up.effective_weight(), up_b, gate_w, gate_b,
+                self.down.effective_weight(), self.down.bias, self.top_k, self.act, self.down.input_quant,
+            )
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @property
+    def weight_bits(self) -> int:
+        """8 when every projection carries an int8 weight quantizer (lowered to QMoE), else 32."""
+        projs = [self.up, self.down] + ([self.gate] if self.gate is not None else [])
+        return 8 if all(p.bits == 8 for p in projs) else 32
+
+    def activated_params(self) -> float:
+        """Weight params run per token: bits/32 x density x active-expert fraction (+ router)."""
+        frac = self.top_k / self.experts
+        total = 0.0
+        for p in (self.up, self.gate, self.down):
+            if p is not None:
+                total += p.weight.numel() * p.bits / 32 * p.density * frac
+        if self.router is not None:
+            total += sum(q.numel() for q in self.router.parameters())
+        return total
+
+    def stored_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        gated = ", gated" if self.gate is not None else ""
+        return f"experts={self.experts}, top_k={self.top_k}, act={self.act}{gated}, router={self.router_kind}"

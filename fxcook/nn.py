@@ -1,0 +1,89 @@
+"""CookedLinear: the one linear site type every pass rewrites.
+
+Capture turns each `nn.Linear` and HF `Conv1D` into a CookedLinear with the canonical `[out, in]`
+weight. Passes attach behaviour through three hooks instead of subclassing, so techniques compose
+in any order: the effective weight is `weight_quant(weight * weight_mask)` and the input goes
+through `input_quant`. A pruned weight is exactly zero before quantization and stays zero after.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CookedLinear(nn.Module):
+    """`y = linear(input_quant(x), weight_quant(weight * weight_mask), bias)`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"CookedLinear needs a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self.register_buffer("weight_mask", None)
+        self.weight_quant: nn.Module | None = None
+        self.input_quant: nn.Module | None = None
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "CookedLinear":
+        """A copy of an `nn.Linear` or an HF `Conv1D` (whose weight is stored `[in, out]`)."""
+        weight = module.weight.detach()
+        if type(module).__name__ == "Conv1D":
+            weight = weight.t()
+        bias = None if module.bias is None else module.bias.detach().clone()
+        out = cls(weight.clone().contiguous(), bias)
+        out.weight.requires_grad_(module.weight.requires_grad)
+        return out
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Install (or remove) a weight mask as a persistent buffer named `weight_mask`."""
+        if mask is not None and mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+        self.weight_mask = None if mask is None else mask.to(self.weight.dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight
+        if self.weight_mask is not None:
+            w = w * self.weight_mask
+        if self.weight_quant is not None:
+            w = self.weight_quant(w)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    @property
+    def bits(self) -> int:
+        return int(getattr(self.weight_quant, "bits", 32)) if self.weight_quant is not None else 32
+
+    @property
+    def density(self) -> float:
+        return 1.0 if self.weight_mask is None else float(self.weight_mask.float().mean())
+
+    def stored_params(self) -> int:
+        return self.weight.numel()
+
+    def activated_params(self) -> float:
+        """Weight parameters run per token, scaled by bits/32 and density (BMCook's measure)."""
+        return self.weight.numel() * self.bits / 32 * self.density
+
+    def extra_repr(self) -> str:
+        tags = [f"in={self.in_features}", f"out={self.out_features}", f"bias={self.bias is not None}"]
+        if self.weight_mask is not None:
+            tags.append(f"density={self.density:.3f}")
+        if self.weight_quant is not None:
+            tags.append(f"w{self.bits}")
+        if self.input_quant is not None:
+            tags.append(f"act={type(self.input_quant).__name__}")
+        return ", ".join(tags)

@@ -1,0 +1,155 @@
+"""`fxcook::moe_ffn`: the routed-expert FFN as one op, lowered to ONNX Runtime's MoE / QMoE.
+
+`MoEFFN.forward` calls this op only while being exported, so the exported graph carries the
+routed FFN as a single node instead of data-dependent per-expert loops. The CPU/CUDA kernel is
+the same routed computation the module runs eagerly. The ONNX translation emits
+`com.microsoft.MoE` (float experts) or `com.microsoft.QMoE` (int8 experts, weight-only).
+
+ORT's MoE applies softmax to `router_probs`, keeps the top-k and renormalises them. The
+translation turns fxcook's scores into probabilities that are 0 on the chosen experts and -1e4
+elsewhere (so each chosen expert gets weight exactly 1/k) and scales the down-projection weights
+by k, which makes ORT compute the plain sum of the chosen experts' outputs, as the module does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import onnx
+import torch
+from onnxscript import FLOAT, UINT8, opset18 as op
+from onnxscript.values import Op, Opset
+
+from ..errors import NotSupportedYet
+from ..moe import routed_ffn
+from . import ONNX_TRANSLATIONS
+
+
+
+def _ort_schema(name: str) -> onnx.defs.OpSchema:
+    """The installed onnxruntime's own schema of a com.microsoft op, as an onnx OpSchema.
+
+    The onnx package carries no schemas for ORT contrib ops; copying ORT's keeps the emitted node
+    exactly what the installed runtime accepts.
+    """
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    found = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == "com.microsoft"]
+    if not found:
+        raise NotSupportedYet(f"the installed onnxruntime has no com.microsoft.{name} op")
+    src = max(found, key=lambda s: s.since_version)
+    P = onnx.defs.OpSchema.FormalParameter
+    opt = {o.name: getattr(onnx.defs.OpSchema.FormalParameterOption, o.name) for o in type(src.inputs[0].option).__members__.values()}
+    params = lambda ps: [P(p.name, p.typeStr, param_option=opt[p.option.name]) for p in ps]
+    return onnx.defs.OpSchema(
+        name, "com.microsoft", src.since_version,
+        inputs=params(src.inputs), outputs=params(src.outputs),
+        type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in src.type_constraints],
+        attributes=[
+            onnx.defs.OpSchema.Attribute(a.name, getattr(onnx.defs.OpSchema.AttrType, a.type.name), required=False)
+            for a in src.attributes.values()
+        ],
+    )
+
+
+_msft = Opset("com.microsoft", 1)
+ORT_MOE, ORT_QMOE = Op(_msft, "MoE", _ort_schema("MoE")), Op(_msft, "QMoE", _ort_schema("QMoE"))
+
+# fxcook activation name -> ORT MoE activation_type (ORT's gelu is the tanh approximation).
+ORT_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
+
+
+@torch.library.custom_op("fxcook::moe_ffn", mutates_args=())
+def moe_ffn(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    gate_bias: Optional[torch.Tensor],
+    down: torch.Tensor,
+    down_bias: Optional[torch.Tensor],
+    top_k: int,
+    activation: str,
+    weight_bits: int,
+) -> torch.Tensor:
+    """Top-k routed FFN on tokens x [T, d]; up/gate [E, m, d], down [E, d, m] (see fxcook.moe)."""
+    return routed_ffn(x, scores, up, up_bias, gate, gate_bias, down, down_bias, top_k, activation)
+
+
+@moe_ffn.register_fake
+def _(x, scores, up, up_bias, gate, gate_bias, down, down_bias, top_k, activation, weight_bits):
+    return x.new_empty(x.shape[0], down.shape[1])
+
+
+def _ort_activation(activation: str, gated: bool) -> dict:
+    if gated:
+        if activation != "silu":
+            raise NotSupportedYet(
+                f"ONNX export of a gated MoE FFN with activation {activation!r}: ONNX Runtime's MoE only "
+                "has SwiGLU (silu-gated); ReLU-gated experts run in torch only"
+            )
+        return {"activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+    if activation not in ORT_ACTIVATIONS:
+        raise NotSupportedYet(
+            f"ONNX export of a MoE FFN with activation {activation!r}: ONNX Runtime's MoE supports "
+            f"{sorted(ORT_ACTIVATIONS)} (its gelu is the tanh approximation)"
+        )
+    return {"activation_type": ORT_ACTIVATIONS[activation]}
+
+
+def _interleave(a, b):
+    """Rows of a and b interleaved along axis 1 ([E, m, ...] x2 -> [E, 2m, ...]): ORT's fused SwiGLU."""
+    both = op.Concat(op.Unsqueeze(a, [2]), op.Unsqueeze(b, [2]), axis=2)
+    shape = op.Concat(op.Shape(a, start=0, end=1), op.Constant(value_ints=[-1]), op.Shape(a, start=2), axis=0)
+    return op.Reshape(both, shape)
+
+
+def _int8_rows(w, row_scale):
+    """Symmetric int8 weights (stored with ORT's default zero point 128) from fake-quant floats."""
+    q = op.Clip(op.Round(op.Div(w, row_scale)), op.Constant(value_float=-127.0), op.Constant(value_float=127.0))
+    return op.Cast(op.Add(q, op.Constant(value_float=128.0)), to=UINT8.dtype)
+
+
+def _absmax(w, axes: list[int]):
+    tiny = op.Constant(value_float=1e-12)
+    return op.Max(op.Div(op.ReduceMax(op.Abs(w), axes, keepdims=1), op.Constant(value_float=127.0)), tiny)
+
+
+def moe_ffn_onnx(
+    x: FLOAT, scores: FLOAT, up: FLOAT, up_bias: Optional[FLOAT], gate: Optional[FLOAT],
+    gate_bias: Optional[FLOAT], down: FLOAT, down_bias: Optional[FLOAT],
+    top_k: int, activation: str, weight_bits: int,
+) -> FLOAT:
+    """ONNX translation of fxcook::moe_ffn to com.microsoft.MoE / QMoE."""
+    gated = gate is not None
+    attrs = _ort_activation(activation, gated)
+    _, chosen = op.TopK(scores, op.Constant(value_ints=[top_k]), axis=-1)
+    probs = op.ScatterElements(
+        op.Expand(op.Constant(value_float=-1e4), op.Shape(scores)),
+        chosen,
+        op.Expand(op.Constant(value_float=0.0), op.Shape(chosen)),
+        axis=1,
+    )
+    k = op.Constant(value_float=float(top_k))
+    fc1 = _interleave(gate, up) if gated else up
+    fc1_bias = None
+    if up_bias is not None or gate_bias is not None:
+        zeros_up = op.Mul(op.ReduceSum(up, [2], keepdims=0), op.Constant(value_float=0.0))
+        ub = up_bias if up_bias is not None else zeros_up
+        fc1_bias = _interleave(gate_bias if gate_bias is not None else zeros_up, ub) if gated else ub
+    fc2_bias = None
+    if down_bias is not None:
+        experts_by_hidden = op.Concat(op.Shape(down, start=0, end=1), op.Shape(down_bias), axis=0)
+        fc2_bias = op.Expand(down_bias, experts_by_hidden)
+    common = dict(k=top_k, normalize_routing_weights=1, **attrs)
+    if weight_bits == 8:
+        s1 = _absmax(fc1, [2])                         # per expert row = per original output row
+        s2 = _absmax(down, [0, 2])                     # per output row over all experts' columns
+        q1, q2 = _int8_rows(fc1, s1), _int8_rows(down, s2)
+        scale1 = op.Squeeze(s1, [2])
+        scale2 = op.Mul(op.Expand(op.Squeeze(s2, [2]), op.Shape(down, start=0, end=2)), k)
+        return ORT_QMOE(x, probs, q1, scale1, fc1_bias, q2, scale2, fc2_bias, expert_weight_bits=8, **common)
+    return ORT_MOE(x, probs, fc1, fc1_bias, op.Mul(down, k), fc2_bias, **common)
+
+
+ONNX_TRANSLATIONS[torch.ops.fxcook.moe_ffn.default] = moe_ffn_onnx

@@ -1,0 +1,66 @@
+"""`compile`: capture, then run passes in order with ordering checks, lint and a change log."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from . import capture as _capture
+from .cooked import CookedModel, PassRecord
+from .errors import FxcookError, PassError
+from .passbase import Pass
+from .report import activated_size, parameter_count
+from .sites import build_sites
+
+
+def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> CookedModel:
+    """Capture `model` on `example_inputs` (dynamic batch/sequence dims) into a CookedModel.
+
+    The user's model is never mutated; with `inplace=True` the CookedModel shares its parameters
+    (halving peak memory for large models) and the original must not be trained afterwards.
+    """
+    ep = _capture.export(model, example_inputs)
+    root = _capture.unflatten(ep, model, inplace=inplace)
+    sites = build_sites(ep, root, model)
+    types = {path: type(m).__name__ for path, m in model.named_modules()}
+    return CookedModel.adopt(root, sites, types)
+
+
+def check_order(passes: Sequence[Pass], done: Sequence[str] = ()) -> None:
+    """Each pass's `after` names must not appear later in the list."""
+    for i, p in enumerate(passes):
+        if not isinstance(p, Pass):
+            raise PassError(f"pipeline item {i} is {type(p).__name__}, not a fxcook Pass")
+        later = [q.name for q in passes[i + 1:]]
+        for name in p.after:
+            if name in later:
+                raise PassError(f"pass {p.name!r} must run after {name!r}, but {name!r} comes later "
+                                f"in the pipeline {[q.name for q in passes]}")
+
+
+def apply(cooked: CookedModel, passes: Sequence[Pass]) -> CookedModel:
+    """Run `passes` on `cooked` in order; each is checked, linted, recompiled and logged."""
+    check_order(passes, [r.name for r in cooked.history])
+    for p in passes:
+        ran = [r.spec for r in cooked.history]
+        try:
+            p.requires(cooked)
+            result = p.call(cooked)
+            cooked.recompile()
+            p.ensures(cooked)
+        except Exception as exc:
+            raise PassError(f"pass {p!r} failed ({type(exc).__name__}: {exc}); "
+                            f"passes already run: {ran or 'none'}") from exc
+        cooked.history.append(PassRecord(p.name, repr(p), list(result.changes),
+                                         parameter_count(cooked), activated_size(cooked)))
+    return cooked
+
+
+def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any = None,
+            inplace: bool = False) -> CookedModel:
+    """Capture `model` and apply `passes`; returns a CookedModel called like the original."""
+    if example_inputs is None:
+        raise FxcookError("compile needs example_inputs (a batch the model accepts) to capture the graph")
+    check_order(passes)
+    return apply(capture(model, example_inputs, inplace=inplace), passes)

@@ -1,0 +1,96 @@
+"""Selectors: which sites a pass rewrites, by path pattern, kind and scope.
+
+Patterns are globs matched against the full module path or a dotted suffix of it, so BMCook-style
+names such as `intermediate.dense` work; a `re:` prefix makes a regular expression (searched).
+A selector that matches nothing is an error that lists the nearest paths, never a silent no-op.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from .errors import SelectorError
+from .sites import KINDS, Site
+
+
+def match(pattern: str, path: str) -> bool:
+    """True when `pattern` selects `path` (glob on the path or a dotted suffix; `re:` regex)."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
+
+
+def _as_list(v):
+    return [v] if isinstance(v, str) else list(v)
+
+
+class Select(BaseModel):
+    """Sites of one `kind` whose path matches an `include` pattern and no `exclude` pattern.
+
+    `scope="blocks"` keeps only sites inside transformer blocks (so embeddings, poolers and output
+    heads are left alone by default); `scope="all"` takes every site of the kind.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+    kind: str = "linear"
+    scope: Literal["blocks", "all"] = "blocks"
+
+    _listify = field_validator("include", "exclude", mode="before")(lambda cls, v: _as_list(v))
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in KINDS:
+            raise ValueError(f"unknown site kind {v!r}; kinds are {', '.join(KINDS)}")
+        return v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"bad regex {p!r}: {e}") from e
+        return v
+
+    def _paths(self, site: Site) -> list[str]:
+        extra = [site.info[k] for k in ("up", "gate", "down") if site.info.get(k)] if site.kind == "ffn" else []
+        return [site.path, *extra]
+
+    def resolve(self, cooked) -> list[Site]:
+        """The matching sites of `cooked` in graph order; SelectorError if there are none."""
+        candidates = cooked.sites.find(self.kind)
+        if self.scope == "blocks":
+            candidates = [s for s in candidates if cooked.sites.block_of(s.path) is not None]
+        out = []
+        for site in candidates:
+            paths = self._paths(site)
+            if not any(match(p, q) for p in self.include for q in paths):
+                continue
+            if any(match(p, q) for p in self.exclude for q in paths):
+                continue
+            out.append(site)
+        if not out:
+            raise SelectorError(self._nothing_matched(cooked, candidates))
+        return out
+
+    def _nothing_matched(self, cooked, candidates: list[Site]) -> str:
+        every = [s.path for s in cooked.sites.find(self.kind)]
+        pool = [s.path for s in candidates] or every
+        near = []
+        for p in self.include:
+            near += difflib.get_close_matches(p.removeprefix("re:"), pool, n=5, cutoff=0.3)
+        near = list(dict.fromkeys(near)) or pool[:5]
+        where = f" inside blocks" if self.scope == "blocks" else ""
+        return (
+            f"selector include={self.include} exclude={self.exclude} matched no {self.kind} site{where} "
+            f"({len(pool)} {self.kind} sites exist); nearest paths: {', '.join(near) or 'none'}"
+        )
