@@ -1,0 +1,243 @@
+"""Sparsify: masked GEMMs on selected linear sites (2:4 or unstructured), masks as graph state.
+
+BMCook zeroed weights after each optimizer step, which hid the order of operations and forced it to
+write masks into ZeRO's flat storage. Here each selected `CookedLinear` gets a persistent
+`weight_mask` buffer (state_dict key `<path>.weight_mask`) and computes `linear(x, weight * mask)`:
+the mask is applied in the forward pass, so gradients at pruned positions are exactly zero under any
+optimizer or sharding (FSDP2 shards the buffer with its block), and the mask is saved with the model.
+
+Masks are computed from the raw weights (never the quantized ones) and Wanda's calibration runs with
+quantizers switched off, so `Sparsify` and `Quantize` give the same model in either order.
+With a `schedule`, masks are recomputed during training by `update_masks(cooked, step)`: a cubic
+ramp of sparsity for unstructured pruning (Zhu & Gupta), periodic 2:4 mask search for 2:4; pruned
+raw weights are kept (dormant, zero-gradient) until the mask is final, then zeroed.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from fxcook.errors import PassError, PreconditionError
+from fxcook.masks import count_24_violations, make_mask
+from fxcook.nn import CookedLinear
+from fxcook.passbase import Change, Pass, PassConfig, PassResult
+from fxcook.select import Select
+
+__all__ = ["Sparsify", "Schedule", "MaskState", "update_masks", "activation_norms"]
+
+
+class Schedule(BaseModel):
+    """When masks are recomputed during training (steps are optimizer steps)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: int = Field(0, ge=0)
+    end: int = Field(..., gt=0)  # sparsity reaches its target here; with freeze the mask is final from here
+    every: int = Field(100, gt=0)
+    initial: float = Field(0.0, ge=0.0, lt=1.0)  # unstructured: sparsity at `start`
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.end <= self.start:
+            raise ValueError(f"schedule: end ({self.end}) must be after start ({self.start})")
+        return self
+
+
+class SparsifyConfig(PassConfig):
+    pattern: Literal["2:4", "unstructured"] = "2:4"
+    method: Literal["m4n2_1d", "m4n2_2d", "wanda", "magnitude"] = "m4n2_1d"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    select: Select = Select()
+    schedule: Schedule | None = None
+    freeze: bool = True  # after the last scheduled recompute (or at once without a schedule) the mask is final
+    calib_batches: int = Field(16, gt=0)  # Wanda: at most this many calibration batches
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.pattern == "2:4" and self.sparsity != 0.5:
+            raise ValueError(f"sparsity: 2:4 keeps exactly half; got sparsity={self.sparsity} (use pattern='unstructured')")
+        if self.pattern == "unstructured" and self.method in ("m4n2_1d", "m4n2_2d"):
+            raise ValueError(f"method: {self.method!r} is a 2:4 method; use 'magnitude' or 'wanda' for unstructured")
+        return self
+
+
+def _batch_call(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@contextlib.contextmanager
+def _quantizers_off(cooked):
+    """Run the float model: stash every CookedLinear's quantizers, restore them on exit."""
+    stash = []
+    for mod in cooked.modules():
+        if isinstance(mod, CookedLinear):
+            stash.append((mod, mod.weight_quant, mod.input_quant))
+            mod.weight_quant = mod.input_quant = None
+    try:
+        yield
+    finally:
+        for mod, wq, iq in stash:
+            mod.weight_quant, mod.input_quant = wq, iq
+
+
+@torch.no_grad()
+def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batches: int) -> dict[str, torch.Tensor]:
+    """L2 norm over all calibration tokens of each input feature of the CookedLinears at `paths`."""
+    sums = {p: None for p in paths}
+    hooks = []
+
+    def hook_for(path):
+        def hook(_mod, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sq = (x * x).sum(0)
+            sums[path] = sq if sums[path] is None else sums[path] + sq
+
+        return hook
+
+    for p in paths:
+        hooks.append(cooked.get_submodule(p).register_forward_pre_hook(hook_for(p)))
+    try:
+        with _quantizers_off(cooked):
+            total = min(len(calibration), max_batches) if hasattr(calibration, "__len__") else max_batches
+            for i, batch in enumerate(tqdm(calibration, desc="wanda calibration", total=total, leave=False)):
+                if i >= max_batches:
+                    break
+                _batch_call(cooked, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [p for p, s in sums.items() if s is None]
+    if missing:
+        raise PassError(f"wanda calibration never reached {missing[:5]} (is the calibration data empty?)")
+    return {p: s.sqrt() for p, s in sums.items()}
+
+
+class MaskState:
+    """The masks one Sparsify put on a model, and how to recompute them on its schedule.
+
+    Kept on the model (`cooked.mask_schedules`) when a schedule is set, so a training loop can
+    advance it without the pass object; it holds no calibration data, only the activation norms.
+    """
+
+    def __init__(self, config: SparsifyConfig, paths: list[str], norms: dict[str, torch.Tensor], base: dict[str, torch.Tensor]):
+        self.config, self.paths, self.norms, self.base = config, paths, norms, base
+        self.final = config.schedule is None and config.freeze
+        self.last_update: int | None = None
+
+    def sparsity_at(self, step: int) -> float:
+        """Target sparsity at `step`: cubic ramp from `initial` to `sparsity` over [start, end] (unstructured)."""
+        s, cfg = self.config.schedule, self.config
+        if s is None or cfg.pattern == "2:4":
+            return cfg.sparsity
+        t = min(max((step - s.start) / (s.end - s.start), 0.0), 1.0)
+        return cfg.sparsity + (s.initial - cfg.sparsity) * (1.0 - t) ** 3
+
+    def apply(self, cooked, sparsity: float, final: bool) -> list[Change]:
+        cfg, changes = self.config, []
+        for path in self.paths:
+            mod = cooked.get_submodule(path)
+            base = self.base.get(path)
+            w = mod.weight.detach() if base is None else mod.weight.detach() * base
+            mask = make_mask(w, cfg.method, cfg.pattern, sparsity, self.norms.get(path))
+            if base is not None:  # an earlier Sparsify's mask stays: this one only prunes further
+                mask &= base.bool()
+            mod.set_mask(mask.to(mod.weight.device))
+            if final:
+                with torch.no_grad():
+                    mod.weight.mul_(mod.weight_mask)
+            what = f"{cfg.pattern} mask ({cfg.method}), density {mod.density:.3f}"
+            changes.append(Change(path, what + ("" if final else ", recomputed on schedule")))
+        return changes
+
+    def update(self, cooked, step: int) -> list[Change]:
+        """Recompute the masks if the schedule calls for it at `step`; no-op once final."""
+        s = self.config.schedule
+        if self.final or s is None or step < s.start:
+            return []
+        last = self.last_update
+        due = last is None or step - last >= s.every or (step >= s.end and last < s.end)
+        if not due:
+            return []
+        self.last_update = step
+        self.final = step >= s.end and self.config.freeze
+        return self.apply(cooked, self.sparsity_at(step), self.final)
+
+
+class Sparsify(Pass):
+    """Add a `weight_mask` buffer to each selected linear; pruned raw weights become exactly zero.
+
+    `calibration` (Wanda only): an iterable of model inputs (dicts of keyword tensors, tuples, or
+    tensors); it is runtime data, not recipe config, so it is a constructor argument.
+    """
+
+    name = "sparsify"
+    Config = SparsifyConfig
+
+    def __init__(self, calibration: Iterable | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.calibration = calibration
+        self.state: MaskState | None = None
+
+    def _linears(self, cooked) -> list[tuple[str, CookedLinear]]:
+        out = []
+        for site in self.config.select.resolve(cooked):
+            mod = cooked.get_submodule(site.path)
+            if not isinstance(mod, CookedLinear):
+                raise PreconditionError(f"sparsify: site {site.path} is a {type(mod).__name__}, not a CookedLinear")
+            out.append((site.path, mod))
+        return out
+
+    def requires(self, cooked) -> None:
+        cfg = self.config
+        if cfg.method == "wanda" and self.calibration is None:
+            raise PreconditionError("sparsify: method 'wanda' needs calibration=<iterable of model inputs>")
+        for path, mod in self._linears(cooked):
+            out_f, in_f = mod.weight.shape
+            if cfg.pattern == "2:4" and in_f % 4:
+                raise PreconditionError(f"sparsify: {path} has in_features={in_f}, not a multiple of 4 (2:4); exclude it")
+            if cfg.method == "m4n2_2d" and out_f % 4:
+                raise PreconditionError(f"sparsify: {path} has out_features={out_f}, not a multiple of 4 (m4n2_2d); exclude it")
+
+    def call(self, cooked) -> PassResult:
+        cfg = self.config
+        linears = self._linears(cooked)
+        paths = [p for p, _ in linears]
+        base = {p: m.weight_mask.detach().clone() for p, m in linears if m.weight_mask is not None}
+        norms = activation_norms(cooked, paths, self.calibration, cfg.calib_batches) if cfg.method == "wanda" else {}
+        self.state = state = MaskState(cfg, paths, norms, base)
+        start = 0 if cfg.schedule is None else cfg.schedule.start
+        if cfg.schedule is not None:
+            state.last_update = start
+            if getattr(cooked, "mask_schedules", None) is None:
+                cooked.mask_schedules = []
+            cooked.mask_schedules.append(state)
+        return PassResult(state.apply(cooked, state.sparsity_at(start), state.final))
+
+    def ensures(self, cooked) -> None:
+        state = self.state
+        for path in state.paths:
+            mod = cooked.get_submodule(path)
+            if mod.weight_mask is None:
+                raise PassError(f"sparsify: {path} has no weight_mask after the pass")
+            if self.config.pattern == "2:4":
+                bad, groups = count_24_violations(mod.weight_mask)
+                if bad:
+                    raise PassError(f"sparsify: {path} mask has {bad}/{groups} groups of 4 with more than 2 kept")
+            if state.final and bool((mod.weight.detach()[mod.weight_mask == 0] != 0).any()):
+                raise PassError(f"sparsify: {path} has nonzero raw weights under its final mask")
+
+
+def update_masks(cooked, step: int) -> list[Change]:
+    """Advance every scheduled Sparsify on `cooked` to optimizer step `step` (call after `optimizer.step()`)."""
+    changes = []
+    for state in getattr(cooked, "mask_schedules", None) or []:
+        changes += state.update(cooked, step)
+    return changes
