@@ -83,3 +83,19 @@ def text_lines(path: str | Path, min_words: int = 1) -> list[str]:
     if not lines:
         raise FxcookError(f"text data {path} holds no lines of at least {min_words} words")
     return lines
+
+
+def token_batches(tokenizer, lines: list[str], batch_size: int = 16, max_length: int = 128) -> list[dict]:
+    """Tokenized, padded keyword-input batches of `lines` (calibration and evaluation data)."""
+    if not lines:
+        raise FxcookError("no text lines to tokenize (empty dataset)")
+    return [dict(tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(lines), batch_size)]
+
+
+def lines_from(source: str, n: int | None = None, seed: int = 0) -> list[str]:
+    """`shakespeare` or a path to a text file/directory, `n` lines, shuffled by `seed`."""
+    lines = shakespeare_lines(seed=seed) if source == "shakespeare" else text_lines(source)
+    if source != "shakespeare":
+        random.Random(seed).shuffle(lines)
+    return lines if n is None else lines[:n]
