@@ -113,17 +113,17 @@ def _leaves(node: torch.fx.Node) -> list[torch.fx.Node]:
 def _output_leaf(call: torch.fx.Node) -> torch.fx.Node:
     """The call's hidden-state output: the first output shaped like a float input, else the first."""
     leaves = _leaves(call)
-    shapes = {tuple(_val(a).shape) for a in call.all_input_nodes
+    shapes = {str(tuple(_val(a).shape)) for a in call.all_input_nodes
               if isinstance(_val(a), torch.Tensor) and _val(a).is_floating_point()}
-    same = [n for n in leaves if isinstance(_val(n), torch.Tensor) and tuple(_val(n).shape) in shapes]
+    same = [n for n in leaves if isinstance(_val(n), torch.Tensor) and str(tuple(_val(n).shape)) in shapes]
     return (same or leaves)[0]
 
 
 def _input_leaf(call: torch.fx.Node, out: torch.fx.Node) -> torch.fx.Node | None:
     """The call's hidden-state input: the tensor argument shaped like its output, else the first float one."""
     args = [a for a in call.all_input_nodes if isinstance(_val(a), torch.Tensor)]
-    shape = getattr(_val(out), "shape", None)
-    same = [a for a in args if shape is not None and _val(a).shape == shape]
+    shape = str(tuple(_val(out).shape)) if isinstance(_val(out), torch.Tensor) else None
+    same = [a for a in args if str(tuple(_val(a).shape)) == shape]
     floats = [a for a in args if _val(a).is_floating_point()]
     return (same or floats or args or [None])[0]
 
