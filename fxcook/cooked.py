@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.export.unflatten import UnflattenedModule
 
-from .capture import finalize
+from .tracing import finalize
 from .passbase import Change
 from .sites import SiteIndex
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from . import capture as _capture
+from . import tracing
 from .cooked import CookedModel, PassRecord
 from .errors import FxcookError, PassError
 from .passbase import Pass
@@ -20,8 +20,8 @@ def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> Coo
     The user's model is never mutated; with `inplace=True` the CookedModel shares its parameters
     (halving peak memory for large models) and the original must not be trained afterwards.
     """
-    ep = _capture.export(model, example_inputs)
-    root = _capture.unflatten(ep, model, inplace=inplace)
+    ep = tracing.export(model, example_inputs)
+    root = tracing.unflatten(ep, model, inplace=inplace)
     sites = build_sites(ep, root, model)
     types = {path: type(m).__name__ for path, m in model.named_modules()}
     return CookedModel.adopt(root, sites, types)

@@ -167,6 +167,22 @@ def _clone_state(root: nn.Module, memo: dict[int, torch.Tensor]) -> None:
                 table[name] = _own(t, memo)
 
 
+def _retie(root: nn.Module, model: nn.Module) -> None:
+    """Make parameters the original shares (tied embeddings and heads) one parameter again."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        try:
+            shared = root.get_parameter(names[0])
+            owners = [(root.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names[1:]]
+        except AttributeError:
+            continue
+        for owner, attr in owners:
+            if getattr(owner, attr, None) is not None and getattr(owner, attr).shape == shared.shape:
+                setattr(owner, attr, shared)
+
+
 def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool = False) -> nn.Module:
     """Unflatten `ep` into a module hierarchy with CookedLinear leaves and (unless inplace) own state."""
     root = torch.export.unflatten(ep)
@@ -184,14 +200,16 @@ def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool 
         keep = _tensor_placeholders(current.graph)[:1]
         if len(keep) != 1:
             continue
+        weight, bias = current.get_parameter("weight"), getattr(current, "bias", None)
         if type(orig).__name__ == "Conv1D":
-            cooked = CookedLinear.from_module(orig)
+            cooked = CookedLinear(weight.detach().t().clone().contiguous(), _own(bias, memo))
         else:
-            cooked = CookedLinear(_own(orig.weight, memo, inplace), _own(orig.bias, memo, inplace))
+            cooked = CookedLinear(_own(weight, memo, inplace), _own(bias, memo, inplace))
         setattr(parent, name, cooked)
         for _, node in calls[path]:
             node.args = (node.args[keep[0]],)
             node.kwargs = {}
+    _retie(root, model)
     if not inplace:
         _clone_state(root, memo)
     finalize(root)

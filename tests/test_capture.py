@@ -1,0 +1,123 @@
+"""Capture is exact: every family, any shape, the original untouched, state round-trips."""
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxcook
+from fxcook.errors import CaptureError
+from fxcook.models import FAMILIES, tiny_inputs, tiny_model
+from fxcook.nn import CookedLinear
+
+from strategies import main_output, model_and_inputs
+
+SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@SETTINGS
+@given(data=st.data())
+def test_capture_is_exact_for_every_family(family, data):
+    _, model, x, x2 = data.draw(model_and_inputs(family=family))
+    before = copy.deepcopy(model.state_dict())
+    cooked = fxcook.capture(model, x)
+    for inp in (x, x2):  # the capture shape and a different batch/sequence with padding
+        with torch.no_grad():
+            ref, out = main_output(model(**inp)), main_output(cooked(**inp))
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "capture mutated the original model"
+    assert not any(p is q for p in cooked.parameters() for q in model.parameters())
+
+
+def test_minilm_capture_exact_and_sites(minilm, minilm_cooked):
+    model, tok = minilm
+    enc = dict(tok(["One short line.", "A rather longer line of real text, with more tokens in it than the first."],
+                   padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        ref, out = model(**enc).last_hidden_state, minilm_cooked(**enc).last_hidden_state
+    assert (ref - out).abs().max().item() <= 1e-6
+    linears = minilm_cooked.sites.find("linear")
+    assert len(linears) == 37
+    assert sum(1 for s in linears if minilm_cooked.sites.block_of(s.path)) == 36
+    assert len(minilm_cooked.sites.find("ffn")) == 6 and len(minilm_cooked.sites.blocks) == 6
+    from fxcook.report import activated_size
+
+    assert activated_size(minilm_cooked) == 10_616_832
+
+
+def test_gpt2_conv1d_becomes_canonical_linear():
+    model = tiny_model("gpt2")
+    cooked = fxcook.capture(model, tiny_inputs("gpt2"))
+    c_fc = cooked.get_submodule("transformer.h.0.mlp.c_fc")
+    assert isinstance(c_fc, CookedLinear)
+    assert torch.equal(c_fc.weight, model.transformer.h[0].mlp.c_fc.weight.t())
+
+
+def test_tied_weights_stay_tied():
+    cooked = fxcook.capture(tiny_model("gpt2"), tiny_inputs("gpt2"))
+    assert cooked.get_submodule("lm_head").weight is cooked.get_submodule("transformer.wte").weight
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_state_dict_round_trip(inplace):
+    model = tiny_model("llama")
+    x = tiny_inputs("llama")
+    cooked = fxcook.capture(model, x, inplace=inplace)
+    state = {k: v.clone() for k, v in cooked.state_dict().items()}
+    assert set(state) == set(model.state_dict())
+    other = fxcook.capture(tiny_model("llama", seed=7), x)
+    with torch.no_grad():
+        assert not torch.allclose(other(**x).logits, cooked(**x).logits)
+        other.load_state_dict(state)
+        assert torch.equal(other(**x).logits, cooked(**x).logits)
+
+
+def test_dynamic_shapes_and_training_gradients():
+    model = tiny_model("bert")
+    cooked = fxcook.capture(model, tiny_inputs("bert", batch=2, seq=8))
+    cooked.train()
+    out = cooked(**tiny_inputs("bert", batch=5, seq=3)).last_hidden_state
+    out.square().mean().backward()
+    grads = [p.grad for p in cooked.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads[:-2])
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Branchy()
+
+    def forward(self, x):
+        return self.inner(x) + 1
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not capturable
+            return x * 2
+        return x
+
+
+def test_untraceable_module_error_names_module_and_construct():
+    with pytest.raises(CaptureError) as err:
+        fxcook.capture(DataDependent(), torch.randn(2, 4))
+    msg = str(err.value)
+    assert "inner (Branchy" in msg
+    assert "data-dependent" in msg.lower() or "guard" in msg.lower()
+
+
+def test_plain_module_and_bad_inputs():
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    cooked = fxcook.capture(mlp, x)
+    assert torch.allclose(cooked(torch.randn(3, 8) * 0 + x), mlp(x))
+    assert len(cooked.sites.find("linear")) == 2 and len(cooked.sites.find("ffn")) == 1
+    with pytest.raises(CaptureError, match="example_inputs"):
+        fxcook.capture(mlp, "not a tensor")
+    with pytest.raises(CaptureError, match="nn.Module"):
+        fxcook.capture(lambda t: t, x)
