@@ -1,0 +1,172 @@
+"""`fxcook::` quantization ops with fake kernels and their ONNX translations.
+
+The ONNX exporter lowers each quantized CookedLinear to these ops, so the exported graph says
+exactly which tensors are integer and with which scales, and each op maps 1:1 to ONNX:
+
+- `quantize(x, scale, axis, bits)` / `dequantize(q, scale, axis)`: QuantizeLinear / DequantizeLinear,
+  int8, zero-point 0 (per tensor, or per channel along `axis`). Static activations and weights.
+- `quantize_per_token(x, bits)` -> (codes, scale): dynamic per-token symmetric quantization.
+  The codes are returned as uint8 = int8 + 128 because ONNX Runtime's u8 x s8 integer GEMM is ~4x
+  faster on x86 than s8 x s8 (measured on MiniLM); the values are the symmetric int8 codes.
+- `matmul_integer_to_float(codes, row_scale, qweight, wscale, bias)`: integer GEMM with float
+  rescale, emitted as ONNX Runtime's `com.microsoft.MatMulIntegerToFloat` followed by the per-token
+  scale. ONNX has no per-row dynamic quantization that ORT fuses (its MatMulIntegerToFloat takes a
+  scalar A scale), so the per-token scale is applied to the GEMM output instead.
+- `dequantize_groups(q, scale, group)`: group-wise weight dequantization for low-bit weight-only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from onnxscript import FLOAT, INT8, UINT8, opset20 as op
+from onnxscript.values import Op, Opset
+
+from . import ONNX_TRANSLATIONS
+from .moe import _ort_schema
+
+__all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dequantize_groups",
+           "TOKEN_ZERO_POINT"]
+
+TOKEN_ZERO_POINT = 128  # per-token codes are stored as uint8 = int8 + 128
+_EPS = 1e-8
+_msft = Opset("com.microsoft", 1)
+ORT_MATMUL_INTEGER_TO_FLOAT = Op(_msft, "MatMulIntegerToFloat", _ort_schema("MatMulIntegerToFloat"))
+
+
+def _range(bits: int) -> tuple[int, int]:
+    """Saturation bounds: ONNX's int8 range at 8 bits, the symmetric range below."""
+    return (-128, 127) if bits == 8 else (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+
+
+def _bcast(scale: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    if scale.numel() == 1:
+        return scale.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+@torch.library.custom_op("fxcook::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, axis: int, bits: int) -> torch.Tensor:
+    """int8 codes round_half_even(x / scale), saturated; scale scalar/[1] or 1-D along `axis`."""
+    lo, hi = _range(bits)
+    return torch.clamp(torch.round(x / _bcast(scale, x.dim(), axis)), lo, hi).to(torch.int8)
+
+
+@quantize.register_fake
+def _(x, scale, axis, bits):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("fxcook::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """float q * scale; scale scalar/[1] or 1-D along `axis`."""
+    return q.to(torch.float32) * _bcast(scale, q.dim(), axis)
+
+
+@dequantize.register_fake
+def _(q, scale, axis):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@torch.library.custom_op("fxcook::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes = round(x / s) + 128, s [..., 1]) with s = max|x| / qmax over the last dim."""
+    qm = 2 ** (bits - 1) - 1
+    s = (x.abs().amax(dim=-1, keepdim=True) / qm).clamp(min=_EPS)
+    codes = torch.clamp(torch.round(x / s), -qm, qm) + TOKEN_ZERO_POINT
+    return codes.to(torch.uint8), s
+
+
+@quantize_per_token.register_fake
+def _(x, bits):
+    return torch.empty_like(x, dtype=torch.uint8), x.new_empty(*x.shape[:-1], 1)
+
+
+@torch.library.custom_op("fxcook::matmul_integer_to_float", mutates_args=())
+def matmul_integer_to_float(codes: torch.Tensor, row_scale: torch.Tensor, qweight: torch.Tensor,
+                            wscale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """((codes - 128) @ qweight^T) * wscale * row_scale + bias, exact int32 accumulation.
+
+    codes: uint8 [..., K]; row_scale [..., 1]; qweight int8 [N, K]; wscale [N]; bias [N] or None.
+    """
+    a = codes.to(torch.int32) - TOKEN_ZERO_POINT
+    acc = (a.reshape(-1, a.shape[-1]).double() @ qweight.to(torch.float64).t()).reshape(*a.shape[:-1], -1)
+    y = acc.float() * wscale * row_scale
+    return y if bias is None else y + bias
+
+
+@matmul_integer_to_float.register_fake
+def _(codes, row_scale, qweight, wscale, bias):
+    return codes.new_empty(*codes.shape[:-1], qweight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fxcook::dequantize_groups", mutates_args=())
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """float weight [N, K] from int8 codes [N, K] and one scale per `group` columns ([N, K/group])."""
+    n, k = q.shape
+    return (q.to(torch.float32).reshape(n, k // group, group) * scale.unsqueeze(-1)).reshape(n, k)
+
+
+@dequantize_groups.register_fake
+def _(q, scale, group):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+# --- ONNX translations -------------------------------------------------------------------------
+
+def quantize_onnx(x: FLOAT, scale: FLOAT, axis: int, bits: int) -> INT8:
+    q = op.QuantizeLinear(x, scale, op.Constant(value=_int8_scalar(0)), axis=axis)
+    if bits == 8:
+        return q
+    lo, hi = _range(bits)
+    return op.Clip(q, op.Constant(value=_int8_scalar(lo)), op.Constant(value=_int8_scalar(hi)))
+
+
+def dequantize_onnx(q: INT8, scale: FLOAT, axis: int) -> FLOAT:
+    # No zero-point input: it defaults to 0 of q's type (int8), whatever the scale's shape.
+    return op.DequantizeLinear(q, scale, axis=axis)
+
+
+def quantize_per_token_onnx(x: FLOAT, bits: int):
+    qm = float(2 ** (bits - 1) - 1)
+    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    s = op.Max(op.Div(amax, op.Constant(value_float=qm)), op.Constant(value_float=_EPS))
+    zp = op.Constant(value=_uint8_scalar(TOKEN_ZERO_POINT))
+    codes = op.QuantizeLinear(op.Div(x, s), op.Constant(value_float=1.0), zp)
+    return codes, s
+
+
+def matmul_integer_to_float_onnx(codes: UINT8, row_scale: FLOAT, qweight: INT8, wscale: FLOAT,
+                                 bias: Optional[FLOAT]) -> FLOAT:
+    zp = op.Constant(value=_uint8_scalar(TOKEN_ZERO_POINT))
+    y = ORT_MATMUL_INTEGER_TO_FLOAT(codes, op.Transpose(qweight, perm=[1, 0]), op.Constant(value_float=1.0),
+                                    wscale, zp)
+    y = op.Mul(y, row_scale)
+    return y if bias is None else op.Add(y, bias)
+
+
+def dequantize_groups_onnx(q: INT8, scale: FLOAT, group: int) -> FLOAT:
+    n_k = op.Shape(q)
+    grouped = op.Reshape(op.Cast(q, to=FLOAT.dtype), op.Concat(op.Shape(scale), op.Constant(value_ints=[group]), axis=0))
+    return op.Reshape(op.Mul(grouped, op.Unsqueeze(scale, op.Constant(value_ints=[-1]))), n_k)
+
+
+def _int8_scalar(v: int):
+    import onnx
+    return onnx.helper.make_tensor("zp", onnx.TensorProto.INT8, [], [v])
+
+
+def _uint8_scalar(v: int):
+    import onnx
+    return onnx.helper.make_tensor("zp", onnx.TensorProto.UINT8, [], [v])
+
+
+ONNX_TRANSLATIONS.update({
+    torch.ops.fxcook.quantize.default: quantize_onnx,
+    torch.ops.fxcook.dequantize.default: dequantize_onnx,
+    torch.ops.fxcook.quantize_per_token.default: quantize_per_token_onnx,
+    torch.ops.fxcook.matmul_integer_to_float.default: matmul_integer_to_float_onnx,
+    torch.ops.fxcook.dequantize_groups.default: dequantize_groups_onnx,
+})

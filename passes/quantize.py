@@ -1,0 +1,187 @@
+"""Quantize: int8 (or 2..8-bit) fake quantization of selected linear sites, for PTQ and QAT.
+
+Each selected `CookedLinear` gets a `weight_quant` (per output channel, or per input-column group
+for low-bit weight-only) and an `input_quant` (dynamic per token, or static per tensor with a
+calibrated scale). Nothing else in the graph changes, so the model trains as is (QAT: STE rounding,
+optional learnable LSQ scales) and `fxcook.runtime.onnx.export` lowers the same modules to integer
+ONNX. Masks from `Sparsify` are applied before quantization, so pruned weights stay exactly 0.
+
+By default only linears inside transformer blocks are quantized: embeddings, poolers and output
+heads are left in float (`select.scope: all` or include patterns change that). HF MoE expert
+matmuls (3-D expert weights) are not quantized by this pass yet.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from tqdm.auto import tqdm
+
+from fxcook.errors import PassError, PreconditionError
+from fxcook.nn import CookedLinear
+from fxcook.passbase import Change, Pass, PassConfig, PassResult
+from fxcook.quant import (OBSERVERS, TensorQuant, TokenQuant, WeightQuant, calibrate, parse_acts,
+                          parse_weights, smooth_factors)
+from fxcook.select import Select
+
+__all__ = ["Quantize", "QuantizeConfig"]
+
+
+class QuantizeConfig(PassConfig):
+    weights: str = "int8/channel"          # int<b>/channel | int<b>/group<g>
+    acts: str | None = "int8/token"        # int<b>/token (dynamic) | int<b>/tensor (static) | None
+    observer: Literal[OBSERVERS] = "minmax"  # static acts: minmax | percentile | mse
+    percentile: float = Field(99.99, gt=0.0, le=100.0)
+    learnable_scales: bool = False         # LSQ: weight (and static act) scales become Parameters
+    smoothquant: float | None = Field(None, ge=0.0, le=1.0)  # SmoothQuant migration strength alpha
+    calib_batches: int = Field(32, gt=0)
+    select: Select = Select()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_select(cls, data):
+        """Accept include/exclude/scope at the top level (BMCook's `quantized_module` import)."""
+        if isinstance(data, dict) and any(k in data for k in ("include", "exclude", "scope")):
+            data = dict(data)
+            sel = dict(data.pop("select", {}) or {})
+            for k in ("include", "exclude", "scope"):
+                if k in data:
+                    sel[k] = data.pop(k)
+            data["select"] = sel
+        return data
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        parse_weights(v)
+        return v
+
+    @field_validator("acts")
+    @classmethod
+    def _acts(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_acts(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if parse_weights(self.weights).group_size is not None and self.acts is not None:
+            raise ValueError(f"weights: group-wise {self.weights!r} is for weight-only quantization; set acts: null")
+        if self.smoothquant is not None and self.acts is None:
+            raise ValueError("smoothquant: needs quantized activations (acts is null)")
+        return self
+
+
+class Quantize(Pass):
+    """Fake-quantize weights and inputs of the selected linears (see module docstring).
+
+    `calibration`: an iterable of model inputs; needed for static (`int8/tensor`) activations and
+    for SmoothQuant, ignored otherwise.
+    """
+
+    name = "quantize"
+    Config = QuantizeConfig
+    after = ("sparsify",)
+
+    def __init__(self, calibration: Iterable | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.calibration = calibration
+
+    def _static(self) -> bool:
+        return self.config.acts is not None and parse_acts(self.config.acts).granularity == "tensor"
+
+    def requires(self, cooked) -> None:
+        if (self._static() or self.config.smoothquant is not None) and self.calibration is None:
+            what = "static activations (int/tensor)" if self._static() else "smoothquant"
+            raise PreconditionError(f"quantize: {what} need calibration=<iterable of model inputs>")
+
+    def _batches(self) -> list:
+        batches = list(itertools.islice(iter(self.calibration), self.config.calib_batches))
+        if not batches:
+            raise PreconditionError("quantize: calibration got no data (the calibration iterable is empty)")
+        return batches
+
+    def call(self, cooked) -> PassResult:
+        cfg = self.config
+        sites = cfg.select.resolve(cooked)
+        linears = {}
+        for s in sites:
+            mod = cooked.get_submodule(s.path)
+            if not isinstance(mod, CookedLinear):
+                raise PassError(f"quantize: site {s.path} is a {type(mod).__name__}, not a CookedLinear")
+            linears[s.path] = mod
+        batches = self._batches() if self.calibration is not None and (self._static() or cfg.smoothquant is not None) else []
+        factors = self._smooth(cooked, linears, batches) if cfg.smoothquant is not None else {}
+        w = parse_weights(cfg.weights)
+        a = parse_acts(cfg.acts) if cfg.acts else None
+        changes = []
+        for path, mod in linears.items():
+            prev = getattr(mod.input_quant, "smooth", None)
+            smooth = prev if path not in factors else (factors[path] if prev is None else prev * factors[path])
+            if a is None and smooth is not None:
+                raise PassError(f"quantize: {path} carries SmoothQuant factors; its activations must stay quantized")
+            weight = mod.weight.detach() if mod.weight_mask is None else (mod.weight * mod.weight_mask).detach()
+            mod.weight_quant = WeightQuant(w.bits, w.group_size, cfg.learnable_scales, weight=weight)
+            if a is None:
+                mod.input_quant = None
+            elif a.granularity == "token":
+                mod.input_quant = TokenQuant(a.bits)
+            else:
+                mod.input_quant = TensorQuant(a.bits, cfg.observer, cfg.percentile, cfg.learnable_scales)
+            if mod.input_quant is not None:
+                mod.input_quant.set_smooth(smooth)
+            changes.append(Change(path, f"weights {cfg.weights}, acts {cfg.acts or 'float'}"
+                                        + (f", smoothquant a={cfg.smoothquant}" if smooth is not None else "")))
+        if self._static():
+            calibrate(cooked, batches, desc="quantize calibration")
+        return PassResult(changes)
+
+    @torch.no_grad()
+    def _smooth(self, cooked, linears: dict[str, CookedLinear], batches: list) -> dict[str, torch.Tensor]:
+        """SmoothQuant: per input channel, move activation range into the weight columns (exact)."""
+        amax: dict[str, torch.Tensor] = {}
+
+        def hook_for(path):
+            def hook(_mod, args):
+                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+                amax[path] = x if path not in amax else torch.maximum(amax[path], x)
+            return hook
+
+        stash = [(m, m.weight_quant, m.input_quant) for m in linears.values()]
+        for m in linears.values():
+            m.weight_quant = m.input_quant = None
+        hooks = [m.register_forward_pre_hook(hook_for(p)) for p, m in linears.items()]
+        try:
+            for batch in tqdm(batches, desc="smoothquant calibration", leave=False):
+                _call(cooked, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, wq, iq in stash:
+                m.weight_quant, m.input_quant = wq, iq
+        factors = {}
+        for path, mod in linears.items():
+            if path not in amax:
+                raise PassError(f"smoothquant calibration never reached {path}")
+            smooth = getattr(mod.input_quant, "smooth", None)
+            x_amax = amax[path] if smooth is None else amax[path] / smooth  # what the quantizer sees
+            factors[path] = smooth_factors(x_amax, [mod.weight], self.config.smoothquant).to(mod.weight.dtype)
+            mod.weight.mul_(factors[path])  # columns absorb the factors; the input is divided by them
+        return factors
+
+    def ensures(self, cooked) -> None:
+        for s in self.config.select.resolve(cooked):
+            mod = cooked.get_submodule(s.path)
+            if not isinstance(mod.weight_quant, WeightQuant):
+                raise PassError(f"quantize: {s.path} has no weight quantizer after the pass")
+
+
+def _call(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
