@@ -150,7 +150,9 @@ def is_24(weight_or_mask: torch.Tensor, dim: int = -1) -> bool:
 # ---------------------------------------------------------------- ONNX validator
 
 # op type -> index of the weight input; the weight's reduction axis is found per node below.
-_GEMM_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulNBits": 1}
+# (com.microsoft fused forms included: ORT's optimizer rewrites DQ -> MatMul into them.)
+_GEMM_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulIntegerToFloat": 1,
+                      "DynamicQuantizeMatMul": 1, "QGemm": 3}
 # nodes a weight may pass through between its initializer and the GEMM, keeping its values' zeros.
 _PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity", "Transpose"}
 
@@ -204,7 +206,7 @@ class Sparse24Report:
 
 def _reduction_axis(node) -> int:
     """Which axis of the GEMM's weight input is the reduction axis: MatMul B is [K, N]; Gemm per transB."""
-    if node.op_type == "Gemm":
+    if node.op_type in ("Gemm", "QGemm"):
         return 1 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 0
     return 0
 
