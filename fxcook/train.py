@@ -108,6 +108,14 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _sync_from_rank0(modules: list[nn.Module]) -> None:
+    """Broadcast rank 0's parameters and buffers, so every rank shards the same model."""
+    with torch.no_grad():
+        for m in modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                dist.broadcast(t.data, src=0)
+
+
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -247,8 +255,8 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
     loss = loss if loss is not None else DistillLoss(lm=1.0) if teacher is None else DistillLoss(hidden_mse=1.0)
     rank, world, device = init_distributed()
     fsdp = world > 1 if fsdp is None else fsdp
-    torch.manual_seed(seed + rank)
-    random.seed(seed + rank)
+    torch.manual_seed(seed)  # identical projection init on every rank
+    random.seed(seed)
     dataset = as_dataset(data, tokenizer, max_length)
     sampler = StepSampler(len(dataset), batch_size, seed)
     sampler.split(0, grad_accum, world, rank)  # checks divisibility up front
@@ -265,6 +273,7 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
     if teacher is not None:
         teacher.to(device).eval()  # restored on exit; its parameters are never updated (no_grad)
     if fsdp:
+        _sync_from_rank0([cooked, loss])
         shard(cooked, block_paths(cooked))
         if any(True for _ in loss.parameters()):
             from torch.distributed.fsdp import fully_shard
@@ -272,6 +281,8 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
             fully_shard(loss)
         if teacher is not None and shard_teacher:
             shard(teacher, block_paths(teacher))
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
     state = _State(cooked, loss)
     params = [p for p in state.parameters() if p.requires_grad]
     if not params:
@@ -286,9 +297,9 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
             start = resumed = load_checkpoint(ckpt, state, opt, rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     result = TrainResult(step=start, resumed_from=resumed)
-    log_file = open(outdir / "log.jsonl", "a") if outdir is not None and rank == 0 else None
     if outdir is not None and rank == 0:
         outdir.mkdir(parents=True, exist_ok=True)
+    log_file = open(outdir / "log.jsonl", "a") if outdir is not None and rank == 0 else None
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
