@@ -404,13 +404,12 @@ def main(args: argparse.Namespace) -> int:
     from .pipeline import compile as fx_compile
     from .textdata import load_lines
 
-    passes, recipe_train = [], {}
+    recipe, recipe_train = None, {}
     if args.recipe:
         from .recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
-        passes = recipe.passes()
-        recipe_train = dict(getattr(recipe, "train", None) or {})
+        recipe_train = dict(recipe.train or {})
     settings, loss_cfg = _train_settings(args, recipe_train)
     rank, world, _ = init_distributed()
     teacher, tokenizer = load_model(args.model)
@@ -418,7 +417,12 @@ def main(args: argparse.Namespace) -> int:
     held_out, lines = lines[:args.eval_lines], lines[args.eval_lines:]
     if args.lines:
         lines = lines[:args.lines]
-    example = example_batch(tokenizer, held_out[:4], settings["max_length"])
+    passes, example = [], example_batch(tokenizer, held_out[:4], settings["max_length"])
+    if recipe is not None:
+        from .cli import calibration_for
+
+        calibration = calibration_for(recipe, tokenizer)
+        passes, example = recipe.build(calibration=calibration), calibration[0]
     student = fx_compile(teacher, passes, example)
     before = _fidelity(teacher, student, tokenizer, held_out)
     loss = DistillLoss(**loss_cfg)
