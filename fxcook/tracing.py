@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,7 +186,9 @@ def _retie(root: nn.Module, model: nn.Module) -> None:
 
 def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool = False) -> nn.Module:
     """Unflatten `ep` into a module hierarchy with CookedLinear leaves and (unless inplace) own state."""
-    root = torch.export.unflatten(ep)
+    with warnings.catch_warnings():  # torch's own unflatten uses a deprecated pytree check
+        warnings.simplefilter("ignore", FutureWarning)
+        root = torch.export.unflatten(ep)
     originals = dict(model.named_modules())
     memo: dict[int, torch.Tensor] = {}
     calls = _calls(root)
