@@ -160,12 +160,24 @@ def _own(p: torch.Tensor | None, memo: dict[int, torch.Tensor], inplace: bool = 
     return memo[id(p)]
 
 
-def _clone_state(root: nn.Module, memo: dict[int, torch.Tensor]) -> None:
-    """Give the captured hierarchy its own parameters and buffers."""
-    for mod in root.modules():
-        for table in (mod._parameters, mod._buffers):
-            for name, t in list(table.items()):
-                table[name] = _own(t, memo)
+def _hollow(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Swap `ep`'s weights for meta tensors so unflatten's own copy costs nothing; returns them.
+
+    unflatten clones every parameter; copying (or sharing, with inplace) once ourselves afterwards
+    keeps peak memory at the original plus one copy.
+    """
+    real: dict[str, torch.Tensor] = {}
+    metas: dict[int, torch.Tensor] = {}
+    for table in (ep.state_dict, ep.constants):
+        for name, t in list(table.items()):
+            if not isinstance(t, torch.Tensor):
+                continue
+            real[name] = t
+            if id(t) not in metas:
+                meta = torch.empty_like(t, device="meta")
+                metas[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+            table[name] = metas[id(t)]
+    return real
 
 
 def _retie(root: nn.Module, model: nn.Module) -> None:
@@ -186,11 +198,21 @@ def _retie(root: nn.Module, model: nn.Module) -> None:
 
 def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool = False) -> nn.Module:
     """Unflatten `ep` into a module hierarchy with CookedLinear leaves and (unless inplace) own state."""
+    real = _hollow(ep)
     with warnings.catch_warnings():  # torch's own unflatten uses a deprecated pytree check
         warnings.simplefilter("ignore", FutureWarning)
         root = torch.export.unflatten(ep)
-    originals = dict(model.named_modules())
     memo: dict[int, torch.Tensor] = {}
+    for name, tensor in real.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = root.get_submodule(owner_path)
+        if attr in owner._parameters:
+            owner._parameters[attr] = _own(tensor, memo, inplace)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = _own(tensor, memo, inplace)
+        else:
+            setattr(owner, attr, _own(tensor, memo, inplace))
+    originals = dict(model.named_modules())
     calls = _calls(root)
     for path, orig in originals.items():
         if type(orig).__name__ not in LINEAR_TYPES or path not in calls:
@@ -205,15 +227,13 @@ def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool 
             continue
         weight, bias = current.get_parameter("weight"), getattr(current, "bias", None)
         if type(orig).__name__ == "Conv1D":
-            cooked = CookedLinear(weight.detach().t().clone().contiguous(), _own(bias, memo))
+            cooked = CookedLinear(weight.detach().t().contiguous(), bias)
         else:
-            cooked = CookedLinear(_own(weight, memo, inplace), _own(bias, memo, inplace))
+            cooked = CookedLinear(weight, bias)
         setattr(parent, name, cooked)
         for _, node in calls[path]:
             node.args = (node.args[keep[0]],)
             node.kwargs = {}
     _retie(root, model)
-    if not inplace:
-        _clone_state(root, memo)
     finalize(root)
     return root
