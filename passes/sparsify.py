@@ -55,6 +55,7 @@ class SparsifyConfig(PassConfig):
     schedule: Schedule | None = None
     freeze: bool = True  # after the last scheduled recompute (or at once without a schedule) the mask is final
     calib_batches: int = Field(16, gt=0)  # Wanda: at most this many calibration batches
+    sequential: bool = True  # Wanda: calibrate block by block on the already-pruned earlier blocks
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -211,14 +212,27 @@ class Sparsify(Pass):
         linears = self._linears(cooked)
         paths = [p for p, _ in linears]
         base = {p: m.weight_mask.detach().clone() for p, m in linears if m.weight_mask is not None}
-        norms = activation_norms(cooked, paths, self.calibration, cfg.calib_batches) if cfg.method == "wanda" else {}
-        self.state = state = MaskState(cfg, paths, norms, base)
+        self.state = state = MaskState(cfg, paths, {}, base)
         start = 0 if cfg.schedule is None else cfg.schedule.start
         if cfg.schedule is not None:
             state.last_update = start
             if getattr(cooked, "mask_schedules", None) is None:
                 cooked.mask_schedules = []
             cooked.mask_schedules.append(state)
+        if cfg.method == "wanda" and cfg.sequential:
+            # Wanda's order: each block is calibrated on inputs produced by the already-pruned blocks before it
+            groups: dict[str | None, list[str]] = {}
+            for p in paths:
+                groups.setdefault(cooked.sites.block_of(p), []).append(p)
+            changes = []
+            for group in groups.values():
+                state.norms.update(activation_norms(cooked, group, self.calibration, cfg.calib_batches))
+                state.paths = group
+                changes += state.apply(cooked, state.sparsity_at(start), state.final)
+            state.paths = paths
+            return PassResult(changes)
+        if cfg.method == "wanda":
+            state.norms = activation_norms(cooked, paths, self.calibration, cfg.calib_batches)
         return PassResult(state.apply(cooked, state.sparsity_at(start), state.final))
 
     def ensures(self, cooked) -> None:

@@ -204,3 +204,22 @@ def test_selection_and_repeated_sparsify_only_prune_further():
     fxcook.apply(model, [Sparsify(method="m4n2_1d", select={"include": "intermediate.dense"})])
     for path, m in masked(model).items():
         assert (m.weight_mask <= first[path]).all() and is_24(m.weight_mask)
+
+
+def test_sequential_wanda_calibrates_each_block_on_pruned_predecessors():
+    calib = [tiny_inputs("bert", seed=s) for s in range(2)]
+    seq, one = cooked("bert"), cooked("bert")
+    fxcook.apply(seq, [Sparsify(method="wanda", calibration=calib)])
+    fxcook.apply(one, [Sparsify(method="wanda", calibration=calib, sequential=False)])
+    ms, mo = masked(seq), masked(one)
+    first = [p for p in ms if p.startswith("encoder.layer.0.")]
+    assert first and all(torch.equal(ms[p].weight_mask, mo[p].weight_mask) for p in first)  # same inputs
+    # block 1 is calibrated on what the pruned block 0 produces
+    paths1 = [p for p in ms if p.startswith("encoder.layer.1.")]
+    ref = cooked("bert")
+    for p in first:
+        ref.get_submodule(p).set_mask(ms[p].weight_mask)
+    norms = activation_norms(ref, paths1, calib, max_batches=8)
+    from fxcook.masks import wanda
+    for p in paths1:
+        assert torch.equal(ms[p].weight_mask.bool(), wanda(ref.get_submodule(p).weight, norms[p]))
