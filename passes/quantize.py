@@ -141,13 +141,18 @@ class Quantize(Pass):
 
     @torch.no_grad()
     def _smooth(self, cooked, linears: dict[str, CookedLinear], batches: list) -> dict[str, torch.Tensor]:
-        """SmoothQuant: per input channel, move activation range into the weight columns (exact)."""
+        """SmoothQuant: per input channel, move activation range into the weight columns (exact).
+
+        Linears reading the same tensor (q, k, v) share one set of factors, so the exported graph
+        scales and quantizes that input once.
+        """
         amax: dict[str, torch.Tensor] = {}
 
         def hook_for(path):
             def hook(_mod, args):
-                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-                amax[path] = x if path not in amax else torch.maximum(amax[path], x)
+                x = args[0].detach()
+                m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
+                amax[path] = m if path not in amax else torch.maximum(amax[path], m)
             return hook
 
         stash = [(m, m.weight_quant, m.input_quant) for m in linears.values()]
@@ -162,14 +167,22 @@ class Quantize(Pass):
                 h.remove()
             for m, wq, iq in stash:
                 m.weight_quant, m.input_quant = wq, iq
+        missing = [p for p in linears if p not in amax]
+        if missing:
+            raise PassError(f"smoothquant calibration never reached {missing[:5]}")
+        groups: dict[str, list[str]] = {}
+        for path in linears:
+            groups.setdefault(_input_of(cooked, path), []).append(path)
         factors = {}
-        for path, mod in linears.items():
-            if path not in amax:
-                raise PassError(f"smoothquant calibration never reached {path}")
-            smooth = getattr(mod.input_quant, "smooth", None)
-            x_amax = amax[path] if smooth is None else amax[path] / smooth  # what the quantizer sees
-            factors[path] = smooth_factors(x_amax, [mod.weight], self.config.smoothquant).to(mod.weight.dtype)
-            mod.weight.mul_(factors[path])  # columns absorb the factors; the input is divided by them
+        for paths in groups.values():
+            mods = [linears[p] for p in paths]
+            prev = getattr(mods[0].input_quant, "smooth", None)
+            x_amax = torch.stack([amax[p] for p in paths]).amax(0)
+            x_amax = x_amax if prev is None else x_amax / prev  # what the quantizer sees
+            f = smooth_factors(x_amax, [m.weight for m in mods], self.config.smoothquant).to(mods[0].weight.dtype)
+            for p, m in zip(paths, mods):
+                m.weight.mul_(f)  # columns absorb the factors; the input is divided by them
+                factors[p] = f
         return factors
 
     def ensures(self, cooked) -> None:
@@ -177,6 +190,16 @@ class Quantize(Pass):
             mod = cooked.get_submodule(s.path)
             if not isinstance(mod.weight_quant, WeightQuant):
                 raise PassError(f"quantize: {s.path} has no weight quantizer after the pass")
+
+
+def _input_of(cooked, path: str) -> str:
+    """The graph value a linear reads, as `<graph owner>:<node>` (its own path if not unique)."""
+    parent, _, name = path.rpartition(".")
+    graph = getattr(cooked.get_submodule(parent), "graph", None)
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name] if graph is not None else []
+    if len(calls) != 1 or not calls[0].args:
+        return path
+    return f"{parent}:{calls[0].args[0]}"
 
 
 def _call(model, batch):

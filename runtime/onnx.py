@@ -177,6 +177,7 @@ def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
         raise FxcookError(f"ONNX export of {type(cooked).__name__} failed: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
     model = program.model_proto
+    _share_initializers(model)
     _name_dynamic_axes(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     if not any(o.domain == "com.microsoft" for o in model.opset_import) and any(
@@ -184,6 +185,29 @@ def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _save_atomic(model, path)
     return path
+
+
+def _share_initializers(model: onnx.ModelProto) -> None:
+    """Point every use of an initializer at the first one with identical contents.
+
+    Linears that read the same input (q, k, v) carry equal SmoothQuant factors as separate buffers;
+    once they are one initializer, ONNX Runtime's common-subexpression elimination scales and
+    quantizes that input once for all of them.
+    """
+    graph, first, rename = model.graph, {}, {}
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), init.raw_data or init.SerializeToString())
+        rename[init.name] = first.setdefault(key, init.name)
+    dupes = {k for k, v in rename.items() if k != v}
+    if not dupes:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in dupes:
+                node.input[i] = rename[name]
+    kept = [i for i in graph.initializer if i.name not in dupes]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _name_dynamic_axes(model: onnx.ModelProto) -> None:

@@ -75,7 +75,7 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     """(uint8 codes = round(x / s) + 128, s [..., 1]) with s = max|x| / qmax over the last dim."""
     qm = 2 ** (bits - 1) - 1
     s = (x.abs().amax(dim=-1, keepdim=True) / qm).clamp(min=_EPS)
-    codes = torch.clamp(torch.round(x / s), -qm, qm) + TOKEN_ZERO_POINT
+    codes = torch.clamp(torch.round(x * (1.0 / s)), -qm, qm) + TOKEN_ZERO_POINT
     return codes.to(torch.uint8), s
 
 
@@ -130,11 +130,12 @@ def dequantize_onnx(q: INT8, scale: FLOAT, axis: int) -> FLOAT:
 
 
 def quantize_per_token_onnx(x: FLOAT, bits: int):
-    qm = float(2 ** (bits - 1) - 1)
-    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-    s = op.Max(op.Div(amax, op.Constant(value_float=qm)), op.Constant(value_float=_EPS))
+    # max|x| as max(max x, -min x): two reads of x and no |x| tensor written; x * (1/s) instead of x / s.
+    axes = op.Constant(value_ints=[-1])
+    amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
+    s = op.Max(op.Mul(amax, op.Constant(value_float=1.0 / (2 ** (bits - 1) - 1))), op.Constant(value_float=_EPS))
     zp = op.Constant(value=_uint8_scalar(TOKEN_ZERO_POINT))
-    codes = op.QuantizeLinear(op.Div(x, s), op.Constant(value_float=1.0), zp)
+    codes = op.QuantizeLinear(op.Mul(x, op.Reciprocal(s)), op.Constant(value_float=1.0), zp)
     return codes, s
 
 

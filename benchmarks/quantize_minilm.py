@@ -1,0 +1,121 @@
+"""int8 MiniLM on CPU, side by side in one process: torch fp32 eager, ONNX Runtime fp32, ORT's own
+`quantize_dynamic` (per-channel and per-tensor weights), and fxcook's int8 ONNX model.
+
+Latency: batch 8 x sequence 128 (padded), 2 threads, rounds interleaved across the variants so
+machine load hits all of them alike; the median per variant is reported with its ratio to torch.
+Fidelity: min/mean cosine of mean-pooled sentence embeddings vs fp32 torch over held-out
+Shakespeare lines (calibration uses other lines).
+
+    python benchmarks/quantize_minilm.py [--rounds 20] [--samples 256] [--out benchmarks/results/quantize_minilm.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fxcook  # noqa: E402
+from fxcook.data import shakespeare_lines, token_batches  # noqa: E402
+from fxcook.evaluate import embed, fidelity  # noqa: E402
+from fxcook.models import load_model  # noqa: E402
+from fxcook.passes import Quantize  # noqa: E402
+from fxcook.runtime import onnx as fxonnx  # noqa: E402
+
+
+class OrtModel:
+    """Calls an ORT session like the HF model (keyword tensors in, last_hidden_state out)."""
+
+    def __init__(self, path: Path, threads: int):
+        self.session = fxonnx.session(path, threads=threads)
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def feeds(self, **enc):
+        return {k: enc[k].numpy() for k in self.names}
+
+    def __call__(self, **enc):
+        return torch.from_numpy(self.session.run(None, self.feeds(**enc))[0])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=256, help="held-out lines for fidelity")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoothquant", type=float, default=0.5)
+    ap.add_argument("--out", default="benchmarks/results/quantize_minilm.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, tok = load_model("minilm")
+    lines = shakespeare_lines(64 + args.samples, seed=0)
+    calib, held = token_batches(tok, lines[:64], 16), lines[64:]
+    timing = dict(tok(lines[64:72], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+    tmp = Path(tempfile.mkdtemp(prefix="fxcook-bench-"))
+
+    fp32 = fxcook.compile(model, [], example_inputs=calib[0])
+    fxonnx.export(fp32, tmp / "fp32.onnx", example_inputs=calib[0])
+    quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pc.onnx"), per_channel=True, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pt.onnx"), per_channel=False, weight_type=QuantType.QInt8)
+    recipes = {"fxcook int8 (w/channel, a/token)": dict(),
+               f"fxcook int8 + SmoothQuant {args.smoothquant}": dict(smoothquant=args.smoothquant)}
+    for i, kw in enumerate(recipes.values()):
+        cooked = fxcook.compile(model, [Quantize(calibration=calib, **kw)], example_inputs=calib[0])
+        fxonnx.export(cooked, tmp / f"fx{i}.onnx", example_inputs=calib[0])
+
+    files = {"ORT fp32": tmp / "fp32.onnx", "ORT quantize_dynamic per-channel": tmp / "ort_pc.onnx",
+             "ORT quantize_dynamic per-tensor": tmp / "ort_pt.onnx",
+             **{name: tmp / f"fx{i}.onnx" for i, name in enumerate(recipes)}}
+    runners = {"torch fp32 eager": model, **{k: OrtModel(p, args.threads) for k, p in files.items()}}
+    ref = embed(model, tok, held)
+    rows = {}
+    for name, run in runners.items():
+        rows[name] = fidelity(ref, embed(run, tok, held))
+        if name in files:
+            rows[name]["gemms"] = fxonnx.integer_gemms(files[name])
+        print(f"{name}: {rows[name]}", flush=True)
+
+    times = {k: [] for k in runners}
+    with torch.inference_mode():
+        for r in range(args.rounds + 1):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                if isinstance(run, OrtModel):
+                    run.session.run(None, run.feeds(**timing))
+                else:
+                    run(**timing)
+                if r:  # round 0 warms up
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    base = statistics.median(times["torch fp32 eager"])
+    ref_pc = statistics.median(times["ORT quantize_dynamic per-channel"])
+    cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    out = [f"# int8 MiniLM on CPU (batch 8 x seq 128, {args.threads} threads)", "",
+           f"Command: `{cmd}`", "",
+           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
+           f"{args.rounds} interleaved rounds (median), fidelity over {len(held)} held-out Shakespeare lines.", "",
+           "| variant | median ms | speedup vs torch | time vs ORT per-channel | min cos | mean cos | integer GEMMs | file MB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in runners:
+        med = statistics.median(times[name])
+        size = f"{files[name].stat().st_size / 1e6:.1f}" if name in files else "-"
+        gemms = rows[name].get("gemms", "-")
+        out.append(f"| {name} | {med:.1f} | {base / med:.2f}x | {med / ref_pc:.2f} | {rows[name]['min_cos']:.4f} | "
+                   f"{rows[name]['mean_cos']:.4f} | {gemms} | {size} |")
+    text = "\n".join(out) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
