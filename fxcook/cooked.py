@@ -50,6 +50,14 @@ class CookedModel(UnflattenedModule):
         setattr(parent, name, module)
         return old
 
+    def named_nodes(self):
+        """(`module.path/node`, node) for every node of every graph: names qualified by module path."""
+        for path, mod in self.named_modules():
+            graph = getattr(mod, "graph", None)
+            if graph is not None:
+                for node in graph.nodes:
+                    yield f"{path}/{node.name}", node
+
     def recompile(self) -> None:
         """Lint and regenerate the code of every graph after an edit."""
         finalize(self)

@@ -47,6 +47,11 @@ def test_minilm_capture_exact_and_sites(minilm, minilm_cooked):
     assert len(minilm_cooked.sites.find("ffn")) == 6 and len(minilm_cooked.sites.blocks) == 6
     from fxcook.report import activated_size
 
+    names = dict(minilm_cooked.named_nodes())
+    assert "encoder.layer.3.intermediate.dense/" not in names  # a CookedLinear leaf has no graph
+    assert "encoder.layer.3.intermediate/dense" in names  # its call site, named from the module path
+    assert len(names) == len(set(names))
+
     assert activated_size(minilm_cooked) == 10_616_832
 
 
