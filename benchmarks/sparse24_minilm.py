@@ -21,13 +21,12 @@ from fxcook.evaluate import embed, fidelity
 from fxcook.models import example_batch, load_model
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify
-from fxcook.report import block_weights
 
 VARIANTS = [
     ("2:4 m4n2_1d (magnitude)", dict(pattern="2:4", method="m4n2_1d"), False),
     ("2:4 m4n2_2d (transposable)", dict(pattern="2:4", method="m4n2_2d"), False),
-    ("2:4 wanda (block-sequential calibration)", dict(pattern="2:4", method="wanda"), False),
-    ("2:4 wanda (one calibration pass)", dict(pattern="2:4", method="wanda", sequential=False), False),
+    ("2:4 wanda (one calibration pass)", dict(pattern="2:4", method="wanda"), False),
+    ("2:4 wanda (block-sequential calibration)", dict(pattern="2:4", method="wanda", sequential=True), False),
     ("2:4 wanda, FFN linears only", dict(pattern="2:4", method="wanda",
                                          select={"include": ["intermediate.dense", "output.dense"],
                                                  "exclude": ["attention.output.dense"]}), False),
@@ -65,7 +64,7 @@ def main(argv=None) -> None:
         act = cooked.history[-1].activated
         rows.append((name, fid["min_cos"], fid["mean_cos"], act, time.perf_counter() - t0))
         print(f"{name:45s} min cos {fid['min_cos']:.4f}  mean cos {fid['mean_cos']:.4f}  "
-              f"activated {act:,.0f} of {block_weights(cooked):,}", flush=True)
+              f"activated {act:,.0f}", flush=True)
 
     cmd = "python benchmarks/sparse24_minilm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = [

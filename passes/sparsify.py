@@ -55,7 +55,7 @@ class SparsifyConfig(PassConfig):
     schedule: Schedule | None = None
     freeze: bool = True  # after the last scheduled recompute (or at once without a schedule) the mask is final
     calib_batches: int = Field(16, gt=0)  # Wanda: at most this many calibration batches
-    sequential: bool = True  # Wanda: calibrate block by block on the already-pruned earlier blocks
+    sequential: bool = False  # Wanda: calibrate block by block on the already-pruned earlier blocks
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -121,6 +121,20 @@ def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batche
     return {p: s.sqrt() for p, s in sums.items()}
 
 
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole weight, also under FSDP2 (a sharded DTensor; collective: call on every rank)."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def _like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`mask` laid out like `weight`: sharded the same way when the weight is a DTensor."""
+    if hasattr(weight, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask.to(weight.dtype), weight.device_mesh, weight.placements)
+    return mask
+
+
 class MaskState:
     """The masks one Sparsify put on a model, and how to recompute them on its schedule.
 
@@ -146,22 +160,34 @@ class MaskState:
         for path in self.paths:
             mod = cooked.get_submodule(path)
             base = self.base.get(path)
-            w = mod.weight.detach() if base is None else mod.weight.detach() * base
+            w = _full(mod.weight.detach())
+            if base is not None:
+                w = w * base
             mask = make_mask(w, cfg.method, cfg.pattern, sparsity, self.norms.get(path))
             if base is not None:  # an earlier Sparsify's mask stays: this one only prunes further
                 mask &= base.bool()
-            mod.set_mask(mask.to(mod.weight.device))
+            mod.set_mask(mask.to(w.device))
             if final:
                 with torch.no_grad():
-                    mod.weight.mul_(mod.weight_mask)
+                    mod.weight.mul_(_like(mod.weight_mask, mod.weight))
             what = f"{cfg.pattern} mask ({cfg.method}), density {mod.density:.3f}"
             changes.append(Change(path, what + ("" if final else ", recomputed on schedule")))
         return changes
 
+    @torch.no_grad()
+    def _rezero(self, cooked) -> None:
+        """Zero pruned raw weights again: optimizer momentum from before a mask change can move them."""
+        for path in self.paths:
+            mod = cooked.get_submodule(path)
+            mod.weight.mul_(_like(mod.weight_mask, mod.weight))
+
     def update(self, cooked, step: int) -> list[Change]:
-        """Recompute the masks if the schedule calls for it at `step`; no-op once final."""
+        """Recompute the masks if the schedule calls for it at `step`; once final, keep pruned raw weights 0."""
         s = self.config.schedule
-        if self.final or s is None or step < s.start:
+        if self.final:
+            self._rezero(cooked)
+            return []
+        if s is None or step < s.start:
             return []
         last = self.last_update
         due = last is None or step - last >= s.every or (step >= s.end and last < s.end)
