@@ -205,7 +205,7 @@ def router_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
     idx = scores.topk(k, dim=-1).indices
     caught = mass.gather(-1, idx).sum(-1)
     total = mass.sum(-1)
-    return float(caught.sum() / total.sum().clamp_min(1e-12))
+    return min(1.0, float(caught.sum() / total.sum().clamp_min(1e-12)))
 
 
 def train_router(
@@ -294,14 +294,27 @@ def routed_ffn(
     order, token, counts = _route(scores, k)
     xs = x.index_select(0, token)
     use_grouped = x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    # Inference writes each expert's GEMM straight into one buffer (no concatenation copies).
+    inplace = not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, scores, up, up_bias, gate, gate_bias, down, down_bias))
 
     def gemm(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         # a: [slots, in] grouped by expert, w: [E, out, in], b: [E, out] or None.
         if use_grouped:
-            offs = torch.tensor(counts, device=a.device).cumsum(0).to(torch.int32)
-            y = torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
-            if b is not None:
-                y = y + b.repeat_interleave(torch.tensor(counts, device=a.device), dim=0, output_size=a.shape[0])
+            sizes = torch.tensor(counts, device=a.device)
+            y = torch._grouped_mm(a, w.transpose(1, 2), offs=sizes.cumsum(0).to(torch.int32))
+            return y if b is None else y + b.repeat_interleave(sizes, dim=0, output_size=a.shape[0])
+        if inplace:
+            y = a.new_empty(a.shape[0], w.shape[1])
+            start = 0
+            for e, c in enumerate(counts):
+                if c:
+                    seg = a[start : start + c]
+                    if b is None:
+                        torch.mm(seg, w[e].T, out=y[start : start + c])
+                    else:
+                        torch.addmm(b[e], seg, w[e].T, out=y[start : start + c])
+                start += c
             return y
         parts, start = [], 0
         for e, c in enumerate(counts):
@@ -311,16 +324,18 @@ def routed_ffn(
             start += c
         return torch.cat(parts) if parts else a.new_zeros(0, w.shape[1])
 
-    h = fn(gemm(xs, gate if gate is not None else up, gate_bias if gate is not None else up_bias))
+    pre = gemm(xs, gate if gate is not None else up, gate_bias if gate is not None else up_bias)
+    h = pre.relu_() if inplace and act == "relu" else fn(pre)
     if gate is not None:
-        h = h * gemm(xs, up, up_bias)
+        h = h.mul_(gemm(xs, up, up_bias)) if inplace else h * gemm(xs, up, up_bias)
     if hidden_quant is not None:
         inv = torch.argsort(order)
         h = hidden_quant(h[inv].reshape(x.shape[0], -1)).reshape(h.shape)[order]
     y = gemm(h, down, None)
-    out = x.new_zeros(x.shape[0], down.shape[1]).index_add(0, token, y)
+    out = x.new_zeros(x.shape[0], down.shape[1]).index_add_(0, token, y) if inplace else \
+        x.new_zeros(x.shape[0], down.shape[1]).index_add(0, token, y)
     if down_bias is not None:
-        out = out + down_bias
+        out = out.add_(down_bias) if inplace else out + down_bias
     return out
 
 
@@ -423,9 +438,16 @@ class MoEFFN(nn.Module):
 
     @property
     def weight_bits(self) -> int:
-        """8 when every projection carries an int8 weight quantizer (lowered to QMoE), else 32."""
+        """8 when every projection's weights are int8 per output channel with absmax scales (lowered
+        to QMoE, whose int8 codes are recovered exactly from the fake-quant weights), else 32
+        (lowered to the float MoE with the fake-quantized weights)."""
         projs = [self.up, self.down] + ([self.gate] if self.gate is not None else [])
-        return 8 if all(p.bits == 8 for p in projs) else 32
+
+        def int8_channel(p: ExpertLinear) -> bool:
+            q = p.weight_quant
+            return p.bits == 8 and getattr(q, "group_size", None) is None and not getattr(q, "learnable", False)
+
+        return 8 if all(int8_channel(p) for p in projs) else 32
 
     def activated_params(self) -> float:
         """Weight params run per token: bits/32 x density x active-expert fraction (+ router)."""

@@ -295,7 +295,7 @@ class Moefy(Pass):
             got = moe(x)
         finally:
             moe.top_k = k
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max().clamp_min(1))):
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.detach().abs().max().clamp_min(1))):
             raise PassError(f"moefy: FFN {site.path}: the expert split does not reproduce the FFN "
                             f"(max error {float((got - want).abs().max()):.3g})")
 
