@@ -1,0 +1,89 @@
+"""ONNX lowering of routed FFNs: com.microsoft.MoE / QMoE in ONNX Runtime match the torch module."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import Phase, given, settings, strategies as st
+
+import fxcook
+from fxcook.errors import FxcookError
+from fxcook.models import tiny_inputs, tiny_model
+from fxcook.moe import MoEFFN, balanced_kmeans
+from fxcook.nn import CookedLinear
+from fxcook.ops import load_all
+from fxcook.passes import Moefy, Quantize, Relufy, Sparsify
+from fxcook.quant import WeightQuant
+from fxcook.runtime.onnx import export, session
+
+
+def _moe(d, width, experts, k, gated, act, int8, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = lambda o, i: CookedLinear(torch.randn(o, i, generator=g) / i ** 0.5, torch.randn(o, generator=g) * 0.1)
+    up, down, gate = lin(width, d), lin(d, width), (lin(width, d) if gated else None)
+    if int8:
+        for m in (up, down, gate):
+            if m is not None:
+                m.weight_quant = WeightQuant(bits=8)
+    labels = balanced_kmeans(F.normalize(up.weight.detach(), dim=1), experts, seed=seed)
+    return MoEFFN(up, down, act, labels, experts, k, gate=gate, router="mlp").eval()
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(experts=st.sampled_from([2, 4, 8]), k=st.integers(1, 8), gated=st.booleans(), int8=st.booleans(),
+       seed=st.integers(0, 50))
+def test_ort_moe_matches_torch(tmp_path_factory, experts, k, gated, int8, seed):
+    k = min(k, experts)
+    act = "silu" if gated else "relu"
+    moe = _moe(32, 64, experts, k, gated, act, int8, seed)
+    path = export(moe, tmp_path_factory.mktemp("moe") / "moe.onnx", torch.randn(2, 6, 32))
+    ops = [n.op_type for n in __import__("onnx").load(str(path)).graph.node]
+    assert ("QMoE" if int8 else "MoE") in ops
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(seed))  # other shape: dynamic axes
+    with torch.no_grad():
+        want = moe(x).numpy()
+    sess = session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_moefied_model_exports_and_runs_in_ort(tmp_path):
+    """A whole tiny BERT after Relufy + Quantize(weights) + Moefy runs routed experts (QMoE) in ORT."""
+    model, inputs = tiny_model("bert", seed=2), tiny_inputs("bert", seed=2)
+    cooked = fxcook.compile(model, [Relufy(), Quantize(weights="int8/channel", acts=None),
+                                    Moefy(calibration=[inputs], experts=4, top_k=2, epochs=3)], example_inputs=inputs)
+    path = export(cooked, tmp_path / "bert_moe.onnx", inputs)
+    ops = [n.op_type for n in __import__("onnx").load(str(path)).graph.node]
+    assert ops.count("QMoE") == 2
+    sess = session(path)
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {n: inputs[n].numpy() for n in names})[0]
+    with torch.no_grad():
+        want = cooked(**inputs).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def _causes(exc: BaseException) -> str:
+    """Every message in the exception chain (the exporter wraps the translation's error)."""
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("gated, act, words", [(True, "relu", "only has SwiGLU"), (False, "gelu", "tanh approximation")])
+def test_unsupported_activation_is_a_clear_error(tmp_path, gated, act, words):
+    moe = _moe(16, 32, 4, 2, gated, act, False, 0)  # ReLU-gated / exact-erf GELU have no ORT MoE form
+    with pytest.raises(FxcookError) as info:
+        export(moe, tmp_path / "m.onnx", torch.randn(2, 4, 16))
+    chain = _causes(info.value)
+    assert "NotSupportedYet" in chain and words in chain
+
+
+def test_translation_is_registered():
+    table = load_all()
+    assert torch.ops.fxcook.moe_ffn.default in table
