@@ -51,6 +51,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
+    param_bytes: int = 0   # this rank's parameter bytes (student + loss projections), shards under FSDP2
+    optim_bytes: int = 0   # this rank's optimizer state bytes
 
 
 # ---- distributed setup ---------------------------------------------------------------------------
@@ -241,14 +243,15 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
           weight_decay: float = 0.0, warmup: int = 0, schedule: str = "cosine", max_grad_norm: float | None = 1.0,
           max_length: int = 128, out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 2,
           resume: bool = True, seed: int = 0, fsdp: bool | None = None, shard_teacher: bool = False,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, callback=None, eval_every: int = 0) -> TrainResult:
     """Train `cooked` (QAT/masks included) against `loss`, distilling from `teacher` if given.
 
     `data`: lines of text (with `tokenizer`), a mapping of token tensors, or a fxcook.textdata dataset.
     `batch_size` is the global batch (all ranks and micro-batches). With `out`, checkpoints go to
     `out/checkpoints` every `save_every` steps and at the end, losses to `out/log.jsonl`; a run with
     `resume=True` continues from the latest checkpoint. Under torchrun the student is FSDP2-sharded
-    per block (`fsdp=None` means: when the world is larger than one).
+    per block (`fsdp=None` means: when the world is larger than one). `callback(step, model)` runs on
+    every rank every `eval_every` steps (and at step 0); a dict it returns joins that step's log row.
     """
     if data is None:
         raise FxcookError("train needs data=")
@@ -288,6 +291,8 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
     if not params:
         raise FxcookError("the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    get_state_dict(state, opt)  # creates optimizer state for every parameter (a zero-lr step), so
+    # checkpoints hold the same keys whether or not a parameter got a gradient (e.g. an unused pooler)
 
     outdir = Path(out) if out is not None else None
     start, resumed = 0, None
@@ -306,6 +311,11 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
 
         bar = tqdm(total=steps, initial=start, desc="train", unit="step")
     try:
+        if callback is not None and eval_every and start == 0:
+            row = {"step": 0, **(callback(0, cooked) or {})}
+            result.log.append(row)
+            if log_file is not None:
+                log_file.write(json.dumps(row) + "\n")
         for step in range(start, steps):
             t0 = time.perf_counter()
             for g in opt.param_groups:
@@ -336,6 +346,8 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
             row = {"step": step + 1, "loss": sums[0] / world,
                    **{k: v / world for k, v in zip(terms, sums[1:])},
                    "lr": opt.param_groups[0]["lr"], "sec": time.perf_counter() - t0}
+            if callback is not None and eval_every and (step + 1) % eval_every == 0:
+                row.update(callback(step + 1, cooked) or {})
             result.losses.append(row["loss"])
             result.log.append(row)
             result.step = step + 1
@@ -347,6 +359,7 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
             if outdir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
                 save_checkpoint(outdir, step + 1, state, opt, rank, keep)
+        result.param_bytes, result.optim_bytes = local_param_bytes(state), optimizer_state_bytes(opt)
     finally:
         if teacher is not None:
             teacher.train(teacher_mode)
@@ -414,7 +427,7 @@ def main(args: argparse.Namespace) -> int:
     rank, world, _ = init_distributed()
     teacher, tokenizer = load_model(args.model)
     lines = load_lines(args.data, n=None, seed=settings["seed"])
-    held_out, lines = lines[:args.eval_lines], lines[args.eval_lines:]
+    held_out, lines = lines[-args.eval_lines:], lines[:-args.eval_lines]  # calibration uses the first lines
     if args.lines:
         lines = lines[:args.lines]
     passes, example = [], example_batch(tokenizer, held_out[:4], settings["max_length"])

@@ -48,7 +48,7 @@ def killed_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     script = tmp / "run.py"
     script.write_text(SCRIPT)
-    steps = 30
+    steps = 12
     ref = _run(script, tmp / "ref", steps)
     victim = _run(script, tmp / "victim", steps)
     latest = tmp / "victim" / "checkpoints" / "latest"
@@ -121,19 +121,27 @@ def test_bad_data_gives_clear_errors(minilm):
         StepSampler(10, 6, 0).split(0, 4, 1, 0)
 
 
-def test_cli_train_distills_a_compressed_minilm(tmp_path):
+def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
     from fxcook.cli import main
-
-    data = tmp_path / "lines.txt"
     from fxcook.data import shakespeare_lines
+    from fxcook.models import tiny_model
 
+    _, tok = minilm  # a tiny random BERT saved as a local HF directory with MiniLM's tokenizer
+    tiny_model("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "lines.txt"
     data.write_text("\n".join(shakespeare_lines(n=80, seed=3)))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("passes:\n  - sparsify: {pattern: '2:4', method: magnitude}\n"
-                      "train:\n  loss: {hidden_mse: 1.0, hidden_cos: 1.0}\n  lr: 0.0005\n")
-    rc = main(["train", "--model", "minilm", "--recipe", str(recipe), "--data", str(data), "--out", str(tmp_path / "o"),
-               "--steps", "2", "--batch-size", "4", "--max-length", "32", "--eval-lines", "8", "--save-every", "0"])
-    assert rc == 0
-    res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert res["steps"] == 2 and res["before"]["mean_cos"] < 1.0 and res["after"]["mean_cos"] > 0
+                      "calibration: {data: shakespeare, samples: 8, batch_size: 4, max_length: 32}\n"
+                      "train:\n  loss: {hidden_mse: 1.0, hidden_cos: 1.0}\n  lr: 0.001\n")
+    args = ["train", "--model", str(tmp_path / "m"), "--recipe", str(recipe), "--data", str(data),
+            "--out", str(tmp_path / "o"), "--batch-size", "4", "--max-length", "32", "--eval-lines", "8"]
+    assert main([*args, "--steps", "2"]) == 0
     assert (tmp_path / "o" / "checkpoints" / "latest").read_text() == "step_0000002"
+    assert main([*args, "--steps", "4"]) == 0  # the same command resumes
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["steps"] == 4 and res["resumed_from"] == 2
+    assert res["before"]["mean_cos"] < 1.0 and 0 < res["after"]["mean_cos"] <= 1.0 + 1e-6
+    rows = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("hidden_mse" in r for r in rows)
