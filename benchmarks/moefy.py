@@ -95,7 +95,7 @@ def speed(hidden: int, inter: int, tokens: int, experts: int, reps: int, threads
     return rows
 
 
-def minilm(experts: int, top_k: int, steps: int, sentences: int, threads: int) -> dict:
+def minilm(experts: int, top_k: int, steps: int, sentences: int, lr: float) -> dict:
     """Relufy + Moefy on MiniLM; fidelity and recall before and after a short distillation."""
     import fxcook
     from fxcook.data import shakespeare_lines
@@ -111,6 +111,9 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, threads: int) -
     out: dict = {"experts": experts, "top_k": top_k}
     relu = fxcook.compile(model, [Relufy()], example_inputs=calib[0])
     out["relufy"] = fidelity(ref, embed(relu, tok, eval_lines))
+    oracle = fxcook.compile(model, [Relufy(), Moefy(experts=experts, top_k=top_k, router="oracle")],
+                            example_inputs=calib[0])
+    out["oracle"] = fidelity(ref, embed(oracle, tok, eval_lines))
     moefy = Moefy(calibration=calib, experts=experts, top_k=top_k, router="mlp")
     cooked = fxcook.compile(model, [Relufy(), moefy], example_inputs=calib[0])
     out["recall"] = statistics.mean(s["recall"] for s in moefy.stats.values())
@@ -119,11 +122,11 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, threads: int) -
     out["distilled"] = None
     if steps:
         fxcook.train(cooked, teacher=model, data=train_lines, tokenizer=tok, steps=steps, batch_size=16,
-                     lr=5e-5, warmup=steps // 10, max_length=64,
+                     lr=lr, warmup=steps // 10, max_length=64,
                      loss=fxcook.DistillLoss(hidden_mse=1.0), progress=True)
         cooked.eval()
         out["distilled"] = fidelity(ref, embed(cooked, tok, eval_lines))
-        out["steps"] = steps
+        out["steps"], out["lr"] = steps, lr
     return out
 
 
@@ -143,10 +146,12 @@ def render(rows: list[dict], mini: dict | None, args, device: str) -> str:
         lines += ["", f"## MiniLM: Relufy + Moefy ({mini['experts']} experts, top-{mini['top_k']}, MLP router)", "",
                   "Embedding cosine vs the fp32 original on held-out Shakespeare lines.", "",
                   "| stage | mean cos | min cos |", "|---|---|---|"]
-        for name in ("relufy", "moefy", "distilled"):
+        for name in ("relufy", "oracle", "moefy", "distilled"):
             if mini.get(name):
-                label = {"relufy": "Relufy only", "moefy": "Relufy + Moefy (no training)",
-                         "distilled": f"+ distillation ({mini.get('steps')} steps, hidden MSE)"}[name]
+                label = {"relufy": "Relufy only (no training)", "oracle": "Relufy + Moefy, oracle router (no training)",
+                         "moefy": "Relufy + Moefy, MLP router (no training)",
+                         "distilled": f"Relufy + Moefy, MLP router + distillation ({mini.get('steps')} steps, "
+                                      f"batch 16, lr {mini.get('lr')}, hidden MSE)"}[name]
                 lines.append(f"| {label} | {mini[name]['mean_cos']:.4f} | {mini[name]['min_cos']:.4f} |")
         lines += ["", f"Mean held-out router recall (share of true activation mass in the chosen experts): "
                   f"{mini['recall']:.3f}", "", "```", mini["report"], "```"]
@@ -162,7 +167,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minilm-experts", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/moefy.md")
@@ -178,7 +184,7 @@ def main() -> None:
     mini = None
     if not args.skip_minilm:
         e = args.minilm_experts
-        mini = minilm(e, e // 2, args.steps, args.sentences, args.threads)
+        mini = minilm(e, e // 2, args.steps, args.sentences, args.lr)
         print({k: v for k, v in mini.items() if k != "report"})
     text = render(rows, mini, args, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
