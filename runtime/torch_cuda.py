@@ -164,12 +164,13 @@ class Int8Sparse24Linear(nn.Module):
         m = x2.shape[0]
         xq, xs = quantize_rows(x2)
         xq, xs = _pad_rows(xq, 16), _pad_rows(xs, 16)
+        # sparse operand first: [N, K] (2:4) x [K, M] -> [N, M], read back transposed as [M, N]
         if self.backend == "cusparselt":
-            # y[m, n] = (sum_k xq[m, k] wq[n, k]) * w_scale[n] in the GEMM epilogue, then * x_scale[m] + bias
-            y = torch._cslt_sparse_mm(self.packed, xq.t(), alpha=self.w_scale, out_dtype=self.out_dtype, transpose_result=True)
+            # the weight scale is cuSPARSELt's per-row alpha (GEMM epilogue); then * x_scale + bias
+            y = torch._cslt_sparse_mm(self.packed, xq.t(), alpha=self.w_scale, out_dtype=self.out_dtype).t()
             y = _fused("row_rescale", _row_rescale, y)(y, xs, self.bias, self.out_dtype)
         else:
-            acc = torch._sparse_semi_structured_linear(xq, self.packed, self.meta, out_dtype=torch.int32)
+            acc = torch._sparse_semi_structured_mm(self.packed, self.meta, xq.t(), out_dtype=torch.int32).t()
             y = _fused("rescale", _rescale, acc)(acc, xs, self.w_scale, self.bias, self.out_dtype)
         return y[:m].reshape(*shape[:-1], self.out_features).to(x.dtype)
 
