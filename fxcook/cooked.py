@@ -6,6 +6,7 @@ original model and returns the same output type.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -41,6 +42,19 @@ class CookedModel(UnflattenedModule):
         root.history = []
         root.module_types = module_types
         return root
+
+    def __deepcopy__(self, memo: dict) -> "CookedModel":
+        """A full copy; export's graph metadata (fake tensors, which cannot be copied) is shared."""
+        for _, node in self.named_nodes():
+            memo.setdefault(id(node.meta), node.meta)
+        for mod in self.modules():
+            if isinstance(mod.__dict__.get("meta"), dict):
+                memo.setdefault(id(mod.__dict__["meta"]), mod.__dict__["meta"])
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new.recompile()
+        return new
 
     def swap(self, path: str, module: nn.Module) -> nn.Module:
         """Replace the submodule at `path` (every call site keeps calling it); returns the old one."""

@@ -24,7 +24,7 @@ def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> Coo
     root = tracing.unflatten(ep, model, inplace=inplace)
     sites = build_sites(ep, root, model)
     types = {path: type(m).__name__ for path, m in model.named_modules()}
-    return CookedModel.adopt(root, sites, types)
+    return CookedModel.adopt(root, sites, types).train(model.training)
 
 
 def check_order(passes: Sequence[Pass], done: Sequence[str] = ()) -> None:

@@ -126,3 +126,17 @@ def test_plain_module_and_bad_inputs():
         fxcook.capture(mlp, "not a tensor")
     with pytest.raises(CaptureError, match="nn.Module"):
         fxcook.capture(lambda t: t, x)
+
+
+def test_deepcopy_is_independent_and_mode_follows_original():
+    model = tiny_model("bert")
+    x = tiny_inputs("bert")
+    cooked = fxcook.capture(model, x)
+    assert not cooked.training  # captured from an eval model
+    twin = copy.deepcopy(cooked)
+    with torch.no_grad():
+        assert torch.equal(twin(**x).last_hidden_state, cooked(**x).last_hidden_state)
+        twin.get_submodule("encoder.layer.0.intermediate.dense").weight.zero_()
+        assert not torch.equal(twin(**x).last_hidden_state, cooked(**x).last_hidden_state)
+    node = next(n for n in twin.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module")
+    assert node.graph is not next(n for n in cooked.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module").graph
