@@ -286,7 +286,7 @@ def lower(
         raise ValueError(f"unknown 2:4 backend {backend!r}; choose one of {SPARSE_BACKENDS}")
     if int8 not in (True, False, "auto"):
         raise ValueError(f"int8 must be True, False or 'auto', got {int8!r}")
-    model = cooked if inplace else _copy(cooked)
+    model = cooked if inplace else copy.deepcopy(cooked)
     root = getattr(model, "graph_module", model)
     todo = []
     for path, mod in root.named_modules():
@@ -308,17 +308,6 @@ def lower(
             continue
         model.swap(plan.path, new) if hasattr(model, "swap") else _set_submodule(root, plan.path, new)
     return Lowering(model, [p for p, _, _ in todo])
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy sharing the (read-only) captured graphs and their metadata, which hold fake tensors."""
-    memo = {}
-    for mod in model.modules():
-        for attr in ("graph", "meta", "input_placeholders"):
-            value = getattr(mod, attr, None)
-            if value is not None and not isinstance(value, torch.Tensor):
-                memo[id(value)] = value
-    return copy.deepcopy(model, memo)
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -1,4 +1,5 @@
 """Sparsify on captured models: 2:4 exactness, identity, gradients, optimizer steps, save/load, schedules."""
+import copy
 import io
 
 import pytest
@@ -14,7 +15,6 @@ from fxcook.masks import is_24
 from fxcook.models import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.sparsify import Sparsify, activation_norms, update_masks
-from fxcook.runtime.torch_cuda import _copy
 
 FAMILIES = ("bert", "gpt2", "llama")
 _CACHE = {}
@@ -24,7 +24,7 @@ def cooked(family: str):
     """A fresh copy of a captured tiny model (capture once per family: it dominates the run time)."""
     if family not in _CACHE:
         _CACHE[family] = fxcook.compile(tiny_model(family), [], example_inputs=tiny_inputs(family))
-    return _copy(_CACHE[family])
+    return copy.deepcopy(_CACHE[family])
 
 
 def out(model, family, seed=1):

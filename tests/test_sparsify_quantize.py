@@ -1,4 +1,6 @@
 """Sparsify composed with Quantize: order independence, exact zeros after int8, report, ONNX 2:4."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +12,6 @@ from fxcook.models import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify
-from fxcook.runtime.torch_cuda import _copy
 
 RECIPE = "examples/recipes/int8_24.yaml"
 _BASE = {}
@@ -19,7 +20,7 @@ _BASE = {}
 def base():
     if "bert" not in _BASE:
         _BASE["bert"] = fxcook.compile(tiny_model("bert"), [], example_inputs=tiny_inputs("bert"))
-    return _copy(_BASE["bert"])
+    return copy.deepcopy(_BASE["bert"])
 
 
 def linears(model):
