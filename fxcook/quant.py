@@ -65,6 +65,13 @@ class ActSpec:
     granularity: str  # "token" (dynamic) or "tensor" (static, calibrated)
 
 
+def _check_bits(bits: int, key: str, spec: str) -> None:
+    try:
+        qmax(bits)
+    except FxcookError as e:
+        raise FxcookError(f"{key}: {spec!r}: {e}") from None
+
+
 _WEIGHTS = re.compile(r"^int(\d)/(channel|group(\d+))$")
 _ACTS = re.compile(r"^int(\d)/(token|tensor)$")
 
@@ -76,7 +83,7 @@ def parse_weights(spec: str) -> WeightSpec:
         raise FxcookError(f"weights: {spec!r} is not a weight scheme; use 'int<bits>/channel' or "
                           f"'int<bits>/group<size>' with bits 2..8 (e.g. 'int8/channel', 'int4/group128')")
     bits, group = int(m.group(1)), (int(m.group(3)) if m.group(3) else None)
-    qmax(bits)
+    _check_bits(bits, "weights", spec)
     if group is not None and group < 2:
         raise FxcookError(f"weights: group size must be >= 2, got {group} in {spec!r}")
     return WeightSpec(bits, group)
@@ -89,7 +96,7 @@ def parse_acts(spec: str) -> ActSpec:
         raise FxcookError(f"acts: {spec!r} is not an activation scheme; use 'int<bits>/token' (dynamic) "
                           f"or 'int<bits>/tensor' (static, calibrated), bits 2..8, or null for weight-only")
     bits = int(m.group(1))
-    qmax(bits)
+    _check_bits(bits, "acts", spec)
     return ActSpec(bits, m.group(2))
 
 

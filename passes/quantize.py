@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from fxcook.errors import PassError, PreconditionError
+from fxcook.errors import FxcookError, PassError, PreconditionError
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.quant import (OBSERVERS, TensorQuant, TokenQuant, WeightQuant, calibrate, parse_acts,
@@ -56,14 +56,20 @@ class QuantizeConfig(PassConfig):
     @field_validator("weights")
     @classmethod
     def _weights(cls, v: str) -> str:
-        parse_weights(v)
+        try:
+            parse_weights(v)
+        except FxcookError as e:
+            raise ValueError(str(e).removeprefix("weights: ")) from None
         return v
 
     @field_validator("acts")
     @classmethod
     def _acts(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_acts(v)
+        try:
+            if v is not None:
+                parse_acts(v)
+        except FxcookError as e:
+            raise ValueError(str(e).removeprefix("acts: ")) from None
         return v
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ calls fxcook's own ops (`fxcook.ops.quant`), whose translations emit:
   `com.microsoft.MatMulIntegerToFloat` with the int8 `[out, in]` weight initializer and its
   per-channel scales, then the per-token scale. ONNX Runtime runs it as one integer GEMM.
 - per-tensor static activations (TensorRT's form): QuantizeLinear -> DequantizeLinear on the input,
-  DequantizeLinear (axis 0) on the int8 weight, MatMul; ORT fuses each into an integer GEMM.
+  DequantizeLinear on the int8 weight stored `[in, out]` (per output channel, axis 1), MatMul;
+  ORT fuses each into an integer GEMM.
 - weight-only: DequantizeLinear (axis 0, or per group) on the int8 weight, float MatMul.
 
 Batch and sequence axes stay dynamic; the IR version is capped at what ONNX Runtime accepts.
@@ -59,6 +60,7 @@ class QuantLinearExport(nn.Module):
                 raise FxcookError("export: a static activation quantizer was never calibrated "
                                   "(run fxcook.quant.calibrate first)")
             self.register_buffer("ascale", iq.scale.detach().abs().float().reshape(()).clone())
+            self.register_buffer("qweight_t", codes.t().contiguous())
         elif iq is not None and not isinstance(iq, TokenQuant):
             raise NotSupportedYet(f"export: input quantizer {type(iq).__name__} has no ONNX lowering")
         if self.mode is not None and self.group is not None:
@@ -76,8 +78,12 @@ class QuantLinearExport(nn.Module):
             codes, s = torch.ops.fxcook.quantize_per_token(x, self.act_bits)
             return torch.ops.fxcook.matmul_integer_to_float(codes, s, self.qweight, self.wscale, self.bias)
         if self.mode == "tensor":
+            # Q/DQ on both GEMM inputs; the weight as a [in, out] int8 initializer quantized per
+            # output channel (axis 1), so DequantizeLinear feeds MatMul directly and ORT fuses it.
             q = torch.ops.fxcook.quantize(x, self.ascale, 0, self.act_bits)
             x = torch.ops.fxcook.dequantize(q, self.ascale, 0)
+            y = torch.matmul(x, torch.ops.fxcook.dequantize(self.qweight_t, self.wscale, 1))
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight(), self.bias)
 
 
@@ -196,6 +202,8 @@ def _share_initializers(model: onnx.ModelProto) -> None:
     """
     graph, first, rename = model.graph, {}, {}
     for init in graph.initializer:
+        if not init.dims:  # scalars (static activation scales) stay apart: shared Q/DQ pairs would not fuse
+            continue
         key = (init.data_type, tuple(init.dims), init.raw_data or init.SerializeToString())
         rename[init.name] = first.setdefault(key, init.name)
     dupes = {k for k, v in rename.items() if k != v}

@@ -1,0 +1,88 @@
+"""Quantized checkpoints: safetensors with int8 weight codes plus per-channel scales.
+
+Each quantized CookedLinear is stored as `<path>.qweight` (int8, `[out, in]`) and
+`<path>.weight_scale` (float32, `[out]` or `[out, in/group]`); BMCook's `<path>.weight_quant`
+name for the codes is accepted on load. Everything else is stored as is. Loading streams one tensor
+at a time into the model's own parameters, so no second fp32 copy of the weights is ever held.
+Writes go to a temporary file renamed into place (atomic).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import FxcookError
+from .nn import CookedLinear
+
+__all__ = ["save_quantized", "load_quantized"]
+
+CODE_NAMES = ("qweight", "weight_quant")  # fxcook's, BMCook's
+
+
+def _quantized(model) -> dict[str, CookedLinear]:
+    return {p: m for p, m in model.named_modules() if isinstance(m, CookedLinear) and m.weight_quant is not None}
+
+
+@torch.no_grad()
+def save_quantized(model, path: str | os.PathLike) -> Path:
+    """Write `model`'s state with int8 codes + scales for its quantized linears (atomically)."""
+    path = Path(path)
+    quant = _quantized(model)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        owner, _, name = key.rpartition(".")
+        if owner in quant and name == "weight":
+            lin = quant[owner]
+            w = t if lin.weight_mask is None else t * lin.weight_mask
+            codes, scale = lin.weight_quant.quantize(w.float())
+            tensors[f"{owner}.qweight"], tensors[f"{owner}.weight_scale"] = codes.contiguous(), scale.contiguous()
+        else:
+            tensors[key] = t.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"fxcook": "quantized", "quantized": ",".join(quant)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+@torch.no_grad()
+def load_quantized(model, path: str | os.PathLike) -> None:
+    """Load a checkpoint written by `save_quantized` (or BMCook's int8 export) into `model` in place.
+
+    int8 codes are dequantized straight into each linear's weight; unknown keys are errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FxcookError(f"checkpoint {path} does not exist")
+    state = model.state_dict(keep_vars=True)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for key in sorted(keys):
+            owner, _, name = key.rpartition(".")
+            if name == "weight_scale":
+                continue
+            if name in CODE_NAMES:
+                target = state.get(f"{owner}.weight")
+                if target is None or f"{owner}.weight_scale" not in keys:
+                    raise FxcookError(f"checkpoint {path}: {key} has no matching weight/scale in the model")
+                codes, scale = f.get_tensor(key), f.get_tensor(f"{owner}.weight_scale").float()
+                if codes.shape != target.shape:
+                    raise FxcookError(f"checkpoint {path}: {key} is {tuple(codes.shape)}, model has {tuple(target.shape)}")
+                n, k = codes.shape
+                groups = scale.reshape(n, -1).shape[1]
+                w = codes.float().reshape(n, groups, k // groups) * scale.reshape(n, groups, 1)
+                target.copy_(w.reshape(n, k))
+            elif key in state:
+                state[key].data.copy_(f.get_tensor(key))
+            else:
+                raise FxcookError(f"checkpoint {path}: unexpected key {key} (not in the model)")

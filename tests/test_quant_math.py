@@ -1,0 +1,105 @@
+"""Properties of the fake quantizers (fxcook.quant) and the fxcook:: quant ops."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fxcook.ops.quant  # noqa: F401  (registers torch.ops.fxcook.*)
+from fxcook.errors import FxcookError
+from fxcook.quant import (TensorQuant, TokenQuant, WeightQuant, calibrate, fake_quant, parse_acts,
+                          parse_weights, qmax)
+
+bits = st.integers(2, 8)
+shapes = st.tuples(st.integers(1, 8), st.integers(2, 24))
+
+
+def tensor(seed, shape, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), shapes, bits, st.floats(1e-3, 1e3))
+def test_weight_error_within_half_step_and_codes_in_range(seed, shape, b, mag):
+    w = tensor(seed, shape, mag)
+    wq = WeightQuant(b)
+    scale = wq.absmax_scale(w)
+    assert ((wq(w) - w).abs() <= scale / 2 + 1e-6 * mag).all()
+    codes, s = wq.quantize(w)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= qmax(b)
+    torch.testing.assert_close(codes.float() * s[:, None], wq(w))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), shapes, bits, st.sampled_from([None, 2, 4]))
+def test_quantizing_twice_changes_nothing(seed, shape, b, group):
+    w = tensor(seed, (shape[0], 8))
+    wq = WeightQuant(b, group_size=group)
+    once = wq(w)
+    torch.testing.assert_close(wq(once), once, rtol=0, atol=1e-6)
+    tq = TokenQuant(b)
+    x = tensor(seed + 1, shape)
+    torch.testing.assert_close(tq(tq(x)), tq(x), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), shapes, bits)
+def test_token_error_within_half_step(seed, shape, b):
+    x = tensor(seed, shape, 5.0)
+    tq = TokenQuant(b)
+    assert ((tq(x) - x).abs() <= tq.token_scale(x) / 2 + 1e-5).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["minmax", "percentile", "mse"]))
+def test_static_observers_calibrate_and_bound_error_inside_range(seed, observer):
+    tq = TensorQuant(8, observer=observer)
+    batches = [tensor(seed + i, (4, 16)) for i in range(3)]
+    assert calibrate(tq, batches) == 3
+    s = float(tq.scale)
+    x = batches[0].clamp(-127 * s, 127 * s)
+    assert ((tq(x) - x).abs() <= s / 2 + 1e-6).all()
+    amax = max(float(b.abs().max()) for b in batches)
+    assert s <= amax / 127 + 1e-9  # percentile / MSE never widen the min-max range
+
+
+def test_qat_gradients_reach_weights_and_lsq_scales():
+    w = torch.nn.Parameter(tensor(0, (6, 16)))
+    wq = WeightQuant(8, learnable=True, weight=w.detach())
+    x = tensor(1, (5, 16))
+    tq = TokenQuant(8)
+    y = torch.nn.functional.linear(tq(x.requires_grad_()), wq(w))
+    y.square().sum().backward()
+    assert torch.isfinite(w.grad).all() and (w.grad != 0).all()
+    assert torch.isfinite(wq.scale.grad).all() and (wq.scale.grad != 0).any()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_input_errors_name_the_problem():
+    with pytest.raises(FxcookError, match="bit width"):
+        qmax(9)
+    with pytest.raises(FxcookError, match="weights: 'int9/channel'"):
+        parse_weights("int9/channel")
+    with pytest.raises(FxcookError, match="acts: 'int8/row'"):
+        parse_acts("int8/row")
+    with pytest.raises(FxcookError, match="no data"):
+        calibrate(TensorQuant(8), [])
+    with pytest.raises(FxcookError, match="calibrate"):
+        TensorQuant(8)(torch.ones(2, 2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(2, 16), st.integers(1, 9))
+def test_integer_ops_match_fake_quant_within_one_step(seed, m, k, n):
+    x, w, b = tensor(seed, (2, m, k), 3.0), tensor(seed + 1, (n, k)), tensor(seed + 2, (n,))
+    wq, tq = WeightQuant(8), TokenQuant(8)
+    ref = torch.nn.functional.linear(tq(x), wq(w), b)
+    codes, s = torch.ops.fxcook.quantize_per_token(x, 8)
+    qw, ws = wq.quantize(w)
+    y = torch.ops.fxcook.matmul_integer_to_float(codes, s, qw, ws, b)
+    # one int8 step of the input per element, through the weight row: |w_q| . s
+    step = s * (qw.abs().float() * ws[:, None]).sum(1)
+    assert ((y - ref).abs() <= step + 1e-5).all()
+    q = torch.ops.fxcook.quantize(x, torch.tensor([0.05]), 0, 8)
+    assert q.dtype == torch.int8
+    torch.testing.assert_close(torch.ops.fxcook.dequantize(q, torch.tensor([0.05]), 0), fake_quant(x, torch.tensor(0.05), 8),
+                               atol=0.05 + 1e-6, rtol=0)
