@@ -9,6 +9,7 @@ Writes go to a temporary file renamed into place (atomic).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from .errors import FxcookError
 from .nn import CookedLinear
 
-__all__ = ["save_quantized", "load_quantized"]
+__all__ = ["save_quantized", "load_quantized", "save_compressed"]
 
 CODE_NAMES = ("qweight", "weight_quant")  # fxcook's, BMCook's
 
@@ -86,3 +87,24 @@ def load_quantized(model, path: str | os.PathLike) -> None:
                 state[key].data.copy_(f.get_tensor(key))
             else:
                 raise FxcookError(f"checkpoint {path}: unexpected key {key} (not in the model)")
+
+
+def save_compressed(cooked, out: str | os.PathLike, recipe: Path | None = None) -> Path:
+    """Write a compressed model directory: `model.safetensors` (int8 codes + scales where quantized),
+    `report.txt` and the recipe. The directory is built aside and moved into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_quantized(cooked, tmp / "model.safetensors")
+        (tmp / "report.txt").write_text(cooked.report(per_layer=True) + "\n")
+        if recipe is not None:
+            shutil.copyfile(recipe, tmp / Path(recipe).name)
+        if out.exists():
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

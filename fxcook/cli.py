@@ -50,7 +50,7 @@ def calibration_for(recipe, tokenizer):
 
 def cmd_compress(args) -> int:
     from . import compile
-    from .checkpoint_io import save_cooked
+    from .checkpoint import save_compressed
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -58,7 +58,7 @@ def cmd_compress(args) -> int:
     calibration = calibration_for(recipe, tok)
     cooked = compile(model, recipe.build(calibration=calibration), example_inputs=calibration[0])
     out = Path(args.out)
-    save_cooked(cooked, out, recipe=Path(args.recipe), model=args.model)
+    save_compressed(cooked, out, recipe=Path(args.recipe))
     print(cooked.report(per_layer=args.per_layer))
     if args.onnx:
         from fxcook.runtime import onnx as onnx_rt

@@ -1,5 +1,6 @@
 """The command line: inspect lists MiniLM's sites; compress writes a model; errors exit cleanly."""
 import pytest
+import torch
 
 from fxcook.cli import main
 
@@ -20,6 +21,11 @@ def test_compress_writes_model_and_report(tmp_path, capsys):
     assert main(["compress", "--model", "minilm", "--recipe", str(recipe), "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "report.txt", "r.yaml"}
     assert "Quantize" in (out / "report.txt").read_text()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        codes = f.get_tensor("encoder.layer.0.intermediate.dense.qweight")
+    assert codes.dtype == torch.int8 and codes.shape == (1536, 384)
 
 
 def test_errors_exit_2_with_message(tmp_path, capsys):
