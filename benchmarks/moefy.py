@@ -6,7 +6,7 @@ torch on CPU and in ONNX Runtime (dense MatMul graph vs com.microsoft.MoE).
 Part 2 (quality): MiniLM + Relufy + Moefy (50% experts, MLP router) + a short distillation against
 the fp32 original; mean/min embedding cosine vs fp32 and router recall, before and after.
 
-    python benchmarks/moefy.py [--quick] [--threads 2] [--out benchmarks/results/moefy.md]
+    python benchmarks/moefy.py [--threads 2,1] [--steps 300] [--skip-minilm] [--out benchmarks/results/moefy.md]
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ def _export(module: nn.Module, x: torch.Tensor, path: Path) -> Path:
 def speed(hidden: int, inter: int, tokens: int, experts: int, reps: int, threads: int) -> list[dict]:
     from fxcook.runtime.onnx import session
 
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     up = CookedLinear(torch.randn(inter, hidden) / hidden ** 0.5, torch.randn(inter) * 0.1)
     down = CookedLinear(torch.randn(hidden, inter) / inter ** 0.5, torch.randn(hidden) * 0.1)
@@ -90,7 +91,7 @@ def speed(hidden: int, inter: int, tokens: int, experts: int, reps: int, threads
     rows = []
     for label, active, key in configs:
         t, o = best[f"torch {key}"], best[f"ort {key}"]
-        rows.append({"config": label, "active": active, "torch_ms": t * 1e3, "ort_ms": o * 1e3,
+        rows.append({"threads": threads, "config": label, "active": active, "torch_ms": t * 1e3, "ort_ms": o * 1e3,
                      "torch_x": best["torch dense"] / t, "ort_x": best["ort dense"] / o})
     return rows
 
@@ -133,14 +134,14 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, lr: float) -> d
 def render(rows: list[dict], mini: dict | None, args, device: str) -> str:
     lines = ["# MoEfication benchmark", "",
              f"Command: `python benchmarks/moefy.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-             f"Machine: {device}; torch {torch.__version__}, {args.threads} threads (torch and ORT).", "",
+             f"Machine: {device}; torch {torch.__version__}; the same thread count for torch and ORT.", "",
              f"## FFN latency (hidden {args.hidden}, inter {args.inter}, {args.tokens} tokens, ReLU, MLP router)", "",
              "Best of the interleaved timed calls; speed-up vs the dense FFN in the same runtime. The MoE time includes "
              "the router.", "",
-             "| config | active experts | torch CPU ms | torch speed-up | ORT ms | ORT speed-up |",
-             "|---|---|---|---|---|---|"]
+             "| threads | config | active experts | torch CPU ms | torch speed-up | ORT ms | ORT speed-up |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['active']:.0%} | {r['torch_ms']:.2f} | {r['torch_x']:.2f}x | "
+        lines.append(f"| {r['threads']} | {r['config']} | {r['active']:.0%} | {r['torch_ms']:.2f} | {r['torch_x']:.2f}x | "
                      f"{r['ort_ms']:.2f} | {r['ort_x']:.2f}x |")
     if mini is not None:
         lines += ["", f"## MiniLM: Relufy + Moefy ({mini['experts']} experts, top-{mini['top_k']}, MLP router)", "",
@@ -165,7 +166,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2,1", help="comma-separated thread counts for the latency table")
     ap.add_argument("--minilm-experts", type=int, default=32)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -174,16 +175,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/moefy.md")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     import platform
 
     device = f"{platform.machine()} CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start)"
-    rows = speed(args.hidden, args.inter, args.tokens, args.experts, args.reps, args.threads)
+    rows = [r for t in threads for r in speed(args.hidden, args.inter, args.tokens, args.experts, args.reps, t)]
     for r in rows:
         print(r)
     mini = None
     if not args.skip_minilm:
         e = args.minilm_experts
+        torch.set_num_threads(threads[0])
         mini = minilm(e, e // 2, args.steps, args.sentences, args.lr)
         print({k: v for k, v in mini.items() if k != "report"})
     text = render(rows, mini, args, device)
