@@ -25,7 +25,9 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,3 +468,14 @@ def _fidelity(teacher, student, tokenizer, lines) -> dict | None:
         ref = embed(teacher, tokenizer, lines)
         emb = embed(student, tokenizer, lines)
     return fidelity(ref, emb)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds the package attribute `fxcook.train` from the function to the
+    module; calling the module keeps `fxcook.train(cooked, ...)` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

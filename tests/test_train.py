@@ -145,3 +145,19 @@ def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
     assert res["before"]["mean_cos"] < 1.0 and 0 < res["after"]["mean_cos"] <= 1.0 + 1e-6
     rows = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("hidden_mse" in r for r in rows)
+
+
+def test_fxcook_train_is_callable_and_lm_mode_learns():
+    import fxcook
+    import fxcook.train  # noqa: F401  (the submodule shadows the function name on the package)
+    from fxcook.distill import DistillLoss
+    from fxcook.models import tiny_inputs, tiny_model
+
+    model = tiny_model("llama")
+    cooked = fxcook.compile(model, [], tiny_inputs("llama"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.arange(8).repeat(16, 2) + 1  # a repeating pattern an LM can learn
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    res = fxcook.train(cooked, None, data, DistillLoss(lm=1.0), steps=8, batch_size=4, lr=3e-2, progress=False)
+    assert res.losses[-1] < res.losses[0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
