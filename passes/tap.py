@@ -179,6 +179,7 @@ class Tap(Pass):
     """Insert TapPoint nodes at `[pre]`/`[post]` module paths (globs, `student:teacher` pairs)."""
 
     name = "tap"
+    after = ("moefy", "relufy")  # structural rewrites first, so taps sit on the final call sites
 
     class Config(PassConfig):
         taps: list[str]
