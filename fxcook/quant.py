@@ -1,9 +1,11 @@
 """Fake quantizers: the modules `Quantize` puts on each CookedLinear's `weight_quant`/`input_quant`.
 
-One scheme every runtime accepts: signed integers, symmetric, zero-point 0. Weights per output
+Weights: signed integers, symmetric, zero-point 0 (the scheme every runtime accepts), per output
 channel (axis 0 of the `[out, in]` weight) or per group of `group_size` input columns for low-bit
-weight-only; activations per token (scales recomputed each call, BMCook's scheme) or per tensor
-with a static scale from calibration (min-max, percentile or MSE observers).
+weight-only. Activations: per token (symmetric, scales recomputed each call, BMCook's scheme), per
+tensor with a static scale from calibration (min-max, percentile or MSE observers), or per tensor
+dynamic (ONNX DynamicQuantizeLinear: uint8 over [min(x, 0), max(x, 0)], the form ONNX Runtime
+runs as one `DynamicQuantizeMatMul` kernel).
 
 Training uses a straight-through estimator on the rounding, so gradients reach the weights; with
 learnable scales (LSQ) they reach the scales too. The same modules expose the integer form
@@ -23,7 +25,7 @@ from .errors import FxcookError
 
 __all__ = [
     "qmax", "fake_quant", "parse_weights", "parse_acts", "WeightQuant", "TokenQuant", "TensorQuant",
-    "calibrate", "smooth_factors", "EPS",
+    "DynamicTensorQuant", "act_quantizer", "calibrate", "smooth_factors", "EPS",
 ]
 
 EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
@@ -62,7 +64,8 @@ class WeightSpec:
 @dataclass(frozen=True)
 class ActSpec:
     bits: int
-    granularity: str  # "token" (dynamic) or "tensor" (static, calibrated)
+    granularity: str  # "token" or "tensor"
+    dynamic: bool     # token: always; tensor: scale from each call (True) or from calibration (False)
 
 
 def _check_bits(bits: int, key: str, spec: str) -> None:
@@ -73,7 +76,7 @@ def _check_bits(bits: int, key: str, spec: str) -> None:
 
 
 _WEIGHTS = re.compile(r"^int(\d)/(channel|group(\d+))$")
-_ACTS = re.compile(r"^int(\d)/(token|tensor)$")
+_ACTS = re.compile(r"^int(\d)/(token|tensor)(/dynamic)?$")
 
 
 def parse_weights(spec: str) -> WeightSpec:
@@ -90,14 +93,19 @@ def parse_weights(spec: str) -> WeightSpec:
 
 
 def parse_acts(spec: str) -> ActSpec:
-    """`int8/token` (dynamic per token) or `int8/tensor` (static per tensor) -> ActSpec."""
+    """`int8/token` (dynamic per token), `int8/tensor` (static per tensor) or `int8/tensor/dynamic`
+    (per tensor, scale from each call) -> ActSpec."""
     m = _ACTS.match(spec.strip()) if isinstance(spec, str) else None
-    if not m:
-        raise FxcookError(f"acts: {spec!r} is not an activation scheme; use 'int<bits>/token' (dynamic) "
-                          f"or 'int<bits>/tensor' (static, calibrated), bits 2..8, or null for weight-only")
-    bits = int(m.group(1))
+    if not m or (m.group(2) == "token" and m.group(3)):
+        raise FxcookError(f"acts: {spec!r} is not an activation scheme; use 'int<bits>/token' (dynamic), "
+                          f"'int<bits>/tensor' (static, calibrated), bits 2..8, 'int8/tensor/dynamic', "
+                          f"or null for weight-only")
+    bits, dynamic = int(m.group(1)), m.group(2) == "token" or bool(m.group(3))
     _check_bits(bits, "acts", spec)
-    return ActSpec(bits, m.group(2))
+    if m.group(2) == "tensor" and dynamic and bits != 8:
+        raise FxcookError(f"acts: {spec!r}: dynamic per-tensor activations are 8-bit only "
+                          f"(ONNX DynamicQuantizeLinear is uint8); use 'int8/tensor/dynamic'")
+    return ActSpec(bits, m.group(2), dynamic)
 
 
 class WeightQuant(nn.Module):
@@ -182,6 +190,46 @@ class TokenQuant(_ActQuant):
 
     def extra_repr(self) -> str:
         return f"int{self.bits}/token" + (", smooth" if self.smooth is not None else "")
+
+
+class DynamicTensorQuant(_ActQuant):
+    """Dynamic per-tensor fake quantization with ONNX DynamicQuantizeLinear's arithmetic.
+
+    uint8 codes over [min(x, 0), max(x, 0)]: scale = range / 255, zero point round(-min / scale);
+    no calibration, and ONNX Runtime computes the same scale inside its fused integer GEMM. The
+    asymmetric range gives one-sided inputs (after GELU) twice the resolution of a symmetric one.
+    """
+
+    def __init__(self, bits: int = 8):
+        if bits != 8:
+            raise FxcookError(f"DynamicTensorQuant is 8-bit only (ONNX DynamicQuantizeLinear), got {bits}")
+        super().__init__(bits)
+
+    @staticmethod
+    def params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) of `x` as DynamicQuantizeLinear computes them (0-d float tensors)."""
+        x = x.detach()
+        lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+        scale = ((hi - lo) / 255.0).clamp(min=EPS)
+        return scale, torch.clamp(torch.round(-lo / scale), 0, 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._pre(x)
+        scale, zp = self.params(x)
+        return (torch.clamp(_round_ste(x / scale) + zp, 0, 255) - zp) * scale
+
+    def extra_repr(self) -> str:
+        return "int8/tensor/dynamic" + (", smooth" if self.smooth is not None else "")
+
+
+def act_quantizer(spec: ActSpec, observer: str = "minmax", percentile: float = 99.99,
+                  learnable: bool = False) -> _ActQuant:
+    """The fake quantizer for an activation scheme."""
+    if spec.granularity == "token":
+        return TokenQuant(spec.bits)
+    if spec.dynamic:
+        return DynamicTensorQuant(spec.bits)
+    return TensorQuant(spec.bits, observer, percentile, learnable)
 
 
 class TensorQuant(_ActQuant):

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from fxcook.errors import FxcookError, PassError, PreconditionError
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
-from fxcook.quant import (OBSERVERS, TensorQuant, TokenQuant, WeightQuant, calibrate, parse_acts,
-                          parse_weights, smooth_factors)
+from fxcook.quant import (OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights,
+                          smooth_factors)
 from fxcook.select import Select
 
 __all__ = ["Quantize", "QuantizeConfig"]
@@ -32,12 +32,16 @@ __all__ = ["Quantize", "QuantizeConfig"]
 
 class QuantizeConfig(PassConfig):
     weights: str = "int8/channel"          # int<b>/channel | int<b>/group<g>
-    acts: str | None = "int8/token"        # int<b>/token (dynamic) | int<b>/tensor (static) | None
+    acts: str | None = "int8/token"        # int<b>/token | int<b>/tensor (static) | int8/tensor/dynamic | None
     observer: Literal[OBSERVERS] = "minmax"  # static acts: minmax | percentile | mse
     percentile: float = Field(99.99, gt=0.0, le=100.0)
     learnable_scales: bool = False         # LSQ: weight (and static act) scales become Parameters
     smoothquant: float | None = Field(None, ge=0.0, le=1.0)  # SmoothQuant migration strength alpha
     calib_batches: int = Field(32, gt=0)
+    # mixed scheme: the `sensitive_layers` linears whose output error under `acts` is largest on the
+    # calibration data (measured per layer) quantize their inputs with `sensitive_acts` instead
+    sensitive_layers: int = Field(0, ge=0)
+    sensitive_acts: str = "int8/token"
     select: Select = Select()
 
     @model_validator(mode="before")
@@ -62,7 +66,7 @@ class QuantizeConfig(PassConfig):
             raise ValueError(str(e).removeprefix("weights: ")) from None
         return v
 
-    @field_validator("acts")
+    @field_validator("acts", "sensitive_acts")
     @classmethod
     def _acts(cls, v: str | None) -> str | None:
         try:
@@ -78,14 +82,18 @@ class QuantizeConfig(PassConfig):
             raise ValueError(f"weights: group-wise {self.weights!r} is for weight-only quantization; set acts: null")
         if self.smoothquant is not None and self.acts is None:
             raise ValueError("smoothquant: needs quantized activations (acts is null)")
+        if self.sensitive_layers and self.acts is None:
+            raise ValueError("sensitive_layers: needs quantized activations (acts is null)")
+        if self.sensitive_layers and not parse_acts(self.sensitive_acts).dynamic:
+            raise ValueError(f"sensitive_acts: {self.sensitive_acts!r} must be dynamic (int<b>/token or int8/tensor/dynamic)")
         return self
 
 
 class Quantize(Pass):
     """Fake-quantize weights and inputs of the selected linears (see module docstring).
 
-    `calibration`: an iterable of model inputs; needed for static (`int8/tensor`) activations and
-    for SmoothQuant, ignored otherwise.
+    `calibration`: an iterable of model inputs; needed for static (`int8/tensor`) activations, for
+    SmoothQuant and for `sensitive_layers`, ignored otherwise.
     """
 
     name = "quantize"
@@ -97,11 +105,15 @@ class Quantize(Pass):
         self.calibration = calibration
 
     def _static(self) -> bool:
-        return self.config.acts is not None and parse_acts(self.config.acts).granularity == "tensor"
+        return self.config.acts is not None and not parse_acts(self.config.acts).dynamic
+
+    def _needs_data(self) -> bool:
+        return self._static() or self.config.smoothquant is not None or self.config.sensitive_layers > 0
 
     def requires(self, cooked) -> None:
-        if (self._static() or self.config.smoothquant is not None) and self.calibration is None:
-            what = "static activations (int/tensor)" if self._static() else "smoothquant"
+        if self._needs_data() and self.calibration is None:
+            what = ("static activations (int/tensor)" if self._static() else
+                    "smoothquant" if self.config.smoothquant is not None else "sensitive_layers")
             raise PreconditionError(f"quantize: {what} need calibration=<iterable of model inputs>")
 
     def _batches(self) -> list:
@@ -119,7 +131,7 @@ class Quantize(Pass):
             if not isinstance(mod, CookedLinear):
                 raise PassError(f"quantize: site {s.path} is a {type(mod).__name__}, not a CookedLinear")
             linears[s.path] = mod
-        batches = self._batches() if self.calibration is not None and (self._static() or cfg.smoothquant is not None) else []
+        batches = self._batches() if self.calibration is not None and self._needs_data() else []
         factors = self._smooth(cooked, linears, batches) if cfg.smoothquant is not None else {}
         w = parse_weights(cfg.weights)
         a = parse_acts(cfg.acts) if cfg.acts else None
@@ -131,19 +143,45 @@ class Quantize(Pass):
                 raise PassError(f"quantize: {path} carries SmoothQuant factors; its activations must stay quantized")
             weight = mod.weight.detach() if mod.weight_mask is None else (mod.weight * mod.weight_mask).detach()
             mod.weight_quant = WeightQuant(w.bits, w.group_size, cfg.learnable_scales, weight=weight)
-            if a is None:
-                mod.input_quant = None
-            elif a.granularity == "token":
-                mod.input_quant = TokenQuant(a.bits)
-            else:
-                mod.input_quant = TensorQuant(a.bits, cfg.observer, cfg.percentile, cfg.learnable_scales)
+            mod.input_quant = None if a is None else act_quantizer(a, cfg.observer, cfg.percentile,
+                                                                   cfg.learnable_scales)
             if mod.input_quant is not None:
                 mod.input_quant.set_smooth(smooth)
-            changes.append(Change(path, f"weights {cfg.weights}, acts {cfg.acts or 'float'}"
-                                        + (f", smoothquant a={cfg.smoothquant}" if smooth is not None else "")))
+        sensitive = self._sensitive(cooked, linears, batches) if cfg.sensitive_layers else []
+        for path in sensitive:
+            smooth = linears[path].input_quant.smooth
+            linears[path].input_quant = act_quantizer(parse_acts(cfg.sensitive_acts))
+            linears[path].input_quant.set_smooth(smooth)
+        for path in linears:
+            acts = cfg.sensitive_acts + " (sensitive)" if path in sensitive else (cfg.acts or "float")
+            changes.append(Change(path, f"weights {cfg.weights}, acts {acts}"
+                                        + (f", smoothquant a={cfg.smoothquant}" if path in factors else "")))
         if self._static():
             calibrate(cooked, batches, desc="quantize calibration")
         return PassResult(changes)
+
+    @torch.no_grad()
+    def _sensitive(self, cooked, linears: dict[str, CookedLinear], batches: list) -> list[str]:
+        """The `sensitive_layers` paths whose input quantization with `acts` moves the model's output
+        most: for each linear alone (everything else float), the squared error of the first output
+        tensor against the float model, summed over the calibration batches."""
+        if self._static():
+            calibrate(cooked, batches, desc="quantize calibration")
+        stash = {p: (m.weight_quant, m.input_quant) for p, m in linears.items()}
+        for m in linears.values():
+            m.weight_quant = m.input_quant = None
+        err = dict.fromkeys(linears, 0.0)
+        try:
+            refs = [_first_tensor(_call(cooked, b)) for b in batches]
+            for path, mod in tqdm(linears.items(), desc="quantize sensitivity", leave=False):
+                mod.input_quant = stash[path][1]
+                for batch, ref in zip(batches, refs):
+                    err[path] += float((_first_tensor(_call(cooked, batch)) - ref).float().square().sum())
+                mod.input_quant = None
+        finally:
+            for p, m in linears.items():
+                m.weight_quant, m.input_quant = stash[p]
+        return sorted(linears, key=err.__getitem__, reverse=True)[:self.config.sensitive_layers]
 
     @torch.no_grad()
     def _smooth(self, cooked, linears: dict[str, CookedLinear], batches: list) -> dict[str, torch.Tensor]:
@@ -214,3 +252,14 @@ def _call(model, batch):
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """The model's main output: the tensor itself, or the first tensor of a tuple / ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if hasattr(out, "values") else out
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise PassError(f"quantize: sensitive_layers needs a tensor output, the model returned {type(out).__name__}")

@@ -6,6 +6,8 @@ calls fxcook's own ops (`fxcook.ops.quant`), whose translations emit:
 - per-token dynamic activations: x -> per-row absmax scale -> uint8 codes (int8 + 128) ->
   `com.microsoft.MatMulIntegerToFloat` with the int8 `[out, in]` weight initializer and its
   per-channel scales, then the per-token scale. ONNX Runtime runs it as one integer GEMM.
+- per-tensor dynamic activations: `com.microsoft.DynamicQuantizeMatMul` (range, uint8 codes,
+  integer GEMM, rescale and bias in one kernel) with the int8 weight stored `[in, out]`.
 - per-tensor static activations (TensorRT's form): QuantizeLinear -> DequantizeLinear on the input,
   DequantizeLinear on the int8 weight stored `[in, out]` (per output channel, axis 1), MatMul;
   ORT fuses each into an integer GEMM.
@@ -29,7 +31,7 @@ from torch import nn
 
 from fxcook.errors import FxcookError, NotSupportedYet
 from fxcook.nn import CookedLinear
-from fxcook.quant import TensorQuant, TokenQuant
+from fxcook.quant import DynamicTensorQuant, TensorQuant, TokenQuant
 
 __all__ = ["export", "lowered", "QuantLinearExport", "session", "optimized_ops", "integer_gemms",
            "INTEGER_GEMMS", "MAX_IR_VERSION"]
@@ -51,7 +53,8 @@ class QuantLinearExport(nn.Module):
         self.register_buffer("wscale", scale.contiguous())
         self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float().clone())
         self.group = wq.group_size
-        self.mode = None if iq is None else ("token" if isinstance(iq, TokenQuant) else "tensor")
+        self.mode = (None if iq is None else "token" if isinstance(iq, TokenQuant) else
+                     "dynamic" if isinstance(iq, DynamicTensorQuant) else "tensor")
         self.act_bits = getattr(iq, "bits", 8)
         smooth = getattr(iq, "smooth", None)
         self.register_buffer("inv_smooth", None if smooth is None else (1.0 / smooth.detach().float()))
@@ -60,6 +63,8 @@ class QuantLinearExport(nn.Module):
                 raise FxcookError("export: a static activation quantizer was never calibrated "
                                   "(run fxcook.quant.calibrate first)")
             self.register_buffer("ascale", iq.scale.detach().abs().float().reshape(()).clone())
+            self.register_buffer("qweight_t", codes.t().contiguous())
+        elif isinstance(iq, DynamicTensorQuant):
             self.register_buffer("qweight_t", codes.t().contiguous())
         elif iq is not None and not isinstance(iq, TokenQuant):
             raise NotSupportedYet(f"export: input quantizer {type(iq).__name__} has no ONNX lowering")
@@ -77,6 +82,8 @@ class QuantLinearExport(nn.Module):
         if self.mode == "token":
             codes, s = torch.ops.fxcook.quantize_per_token(x, self.act_bits)
             return torch.ops.fxcook.matmul_integer_to_float(codes, s, self.qweight, self.wscale, self.bias)
+        if self.mode == "dynamic":
+            return torch.ops.fxcook.dynamic_quantize_matmul(x, self.qweight_t, self.wscale, self.bias)
         if self.mode == "tensor":
             # Q/DQ on both GEMM inputs; the weight as a [in, out] int8 initializer quantized per
             # output channel (axis 1), so DequantizeLinear feeds MatMul directly and ORT fuses it.

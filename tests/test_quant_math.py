@@ -5,8 +5,8 @@ from hypothesis import given, settings, strategies as st
 
 import fxcook.ops.quant  # noqa: F401  (registers torch.ops.fxcook.*)
 from fxcook.errors import FxcookError
-from fxcook.quant import (TensorQuant, TokenQuant, WeightQuant, calibrate, fake_quant, parse_acts,
-                          parse_weights, qmax)
+from fxcook.quant import (ActSpec, DynamicTensorQuant, TensorQuant, TokenQuant, WeightQuant, act_quantizer,
+                          calibrate, fake_quant, parse_acts, parse_weights, qmax)
 
 bits = st.integers(2, 8)
 shapes = st.tuples(st.integers(1, 8), st.integers(2, 24))
@@ -103,3 +103,57 @@ def test_integer_ops_match_fake_quant_within_one_step(seed, m, k, n):
     assert q.dtype == torch.int8
     torch.testing.assert_close(torch.ops.fxcook.dequantize(q, torch.tensor([0.05]), 0), fake_quant(x, torch.tensor(0.05), 8),
                                atol=0.05 + 1e-6, rtol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), shapes, st.floats(1e-3, 1e3), st.floats(-1.0, 1.0))
+def test_dynamic_tensor_error_within_half_step(seed, shape, mag, shift):
+    x = tensor(seed, shape, mag) + shift * mag  # one-sided and two-sided ranges
+    dq = DynamicTensorQuant(8)
+    scale, zp = dq.params(x)
+    assert 0 <= float(zp) <= 255
+    assert ((dq(x) - x).abs() <= scale / 2 + 1e-5 * mag).all()
+    assert (dq(torch.zeros(3)) == 0).all()  # zero is exact (DynamicQuantizeLinear's range holds 0)
+
+
+def test_dynamic_tensor_spec():
+    assert parse_acts("int8/tensor/dynamic") == ActSpec(8, "tensor", True)
+    assert parse_acts("int8/tensor") == ActSpec(8, "tensor", False)
+    assert isinstance(act_quantizer(parse_acts("int8/tensor/dynamic")), DynamicTensorQuant)
+    with pytest.raises(FxcookError, match="8-bit only"):
+        parse_acts("int4/tensor/dynamic")
+    with pytest.raises(FxcookError, match="not an activation scheme"):
+        parse_acts("int8/token/dynamic")
+
+
+def _ort_dynamic_quantize_matmul(x, qw_t, ws, b):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = qw_t.shape
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", "b"], ["y"], domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(qw_t.numpy(), "w"), numpy_helper.from_array(ws.numpy(), "s"),
+         numpy_helper.from_array(b.numpy(), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(2, 32), st.integers(1, 9), st.floats(-1.0, 1.0))
+def test_dynamic_tensor_op_and_ort_match_fake_quant_within_one_step(seed, m, k, n, shift):
+    x, w, b = tensor(seed, (m, k), 3.0) + 3.0 * shift, tensor(seed + 1, (n, k)), tensor(seed + 2, (n,))
+    wq, dq = WeightQuant(8), DynamicTensorQuant(8)
+    ref = torch.nn.functional.linear(dq(x), wq(w), b)
+    qw, ws = wq.quantize(w)
+    scale, _ = dq.params(x)
+    step = scale * (qw.abs().float() * ws[:, None]).sum(1)  # one activation step through each weight row
+    y = torch.ops.fxcook.dynamic_quantize_matmul(x, qw.t().contiguous(), ws, b)
+    assert ((y - ref).abs() <= step + 1e-4).all()
+    got = _ort_dynamic_quantize_matmul(x, qw.t().contiguous(), ws, b)
+    assert ((got - ref).abs() <= step + 1e-4).all()

@@ -12,6 +12,10 @@ exactly which tensors are integer and with which scales, and each op maps 1:1 to
   rescale, emitted as ONNX Runtime's `com.microsoft.MatMulIntegerToFloat` followed by the per-token
   scale. ONNX has no per-row dynamic quantization that ORT fuses (its MatMulIntegerToFloat takes a
   scalar A scale), so the per-token scale is applied to the GEMM output instead.
+- `dynamic_quantize_matmul(x, qweight_t, wscale, bias)`: dynamic per-tensor activations
+  (DynamicQuantizeLinear's uint8 arithmetic) times the int8 `[in, out]` weight with per-column
+  scales, emitted as ONNX Runtime's `com.microsoft.DynamicQuantizeMatMul`: one kernel that finds
+  the range, quantizes, runs the integer GEMM and rescales with the bias added.
 - `dequantize_groups(q, scale, group)`: group-wise weight dequantization for low-bit weight-only.
 """
 from __future__ import annotations
@@ -25,13 +29,14 @@ from onnxscript.values import Op, Opset
 from . import ONNX_TRANSLATIONS
 from .moe import _ort_schema
 
-__all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dequantize_groups",
-           "TOKEN_ZERO_POINT"]
+__all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dynamic_quantize_matmul",
+           "dequantize_groups", "TOKEN_ZERO_POINT"]
 
 TOKEN_ZERO_POINT = 128  # per-token codes are stored as uint8 = int8 + 128
 _EPS = 1e-8
 _msft = Opset("com.microsoft", 1)
 ORT_MATMUL_INTEGER_TO_FLOAT = Op(_msft, "MatMulIntegerToFloat", _ort_schema("MatMulIntegerToFloat"))
+ORT_DYNAMIC_QUANTIZE_MATMUL = Op(_msft, "DynamicQuantizeMatMul", _ort_schema("DynamicQuantizeMatMul"))
 
 
 def _range(bits: int) -> tuple[int, int]:
@@ -102,6 +107,27 @@ def _(codes, row_scale, qweight, wscale, bias):
     return codes.new_empty(*codes.shape[:-1], qweight.shape[0], dtype=torch.float32)
 
 
+@torch.library.custom_op("fxcook::dynamic_quantize_matmul", mutates_args=())
+def dynamic_quantize_matmul(x: torch.Tensor, qweight_t: torch.Tensor, wscale: torch.Tensor,
+                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """(q(x) - zp) @ qweight_t * (s * wscale) + bias with q, s, zp of DynamicQuantizeLinear over all of x.
+
+    x: float [..., K]; qweight_t: int8 [K, N]; wscale [N]; bias [N] or None; exact int32 accumulation.
+    """
+    lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+    s = ((hi - lo) / 255.0).clamp(min=_EPS)
+    zp = torch.clamp(torch.round(-lo / s), 0, 255)
+    a = torch.clamp(torch.round(x / s) + zp, 0, 255) - zp
+    acc = (a.reshape(-1, a.shape[-1]).double() @ qweight_t.to(torch.float64)).reshape(*a.shape[:-1], -1)
+    y = acc.float() * (s * wscale)
+    return y if bias is None else y + bias
+
+
+@dynamic_quantize_matmul.register_fake
+def _(x, qweight_t, wscale, bias):
+    return x.new_empty(*x.shape[:-1], qweight_t.shape[1])
+
+
 @torch.library.custom_op("fxcook::dequantize_groups", mutates_args=())
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """float weight [N, K] from int8 codes [N, K] and one scale per `group` columns ([N, K/group])."""
@@ -148,6 +174,10 @@ def matmul_integer_to_float_onnx(codes: UINT8, row_scale: FLOAT, qweight: INT8, 
     return y if bias is None else op.Add(y, bias)
 
 
+def dynamic_quantize_matmul_onnx(x: FLOAT, qweight_t: INT8, wscale: FLOAT, bias: Optional[FLOAT]) -> FLOAT:
+    return ORT_DYNAMIC_QUANTIZE_MATMUL(x, qweight_t, wscale, None, bias)
+
+
 def dequantize_groups_onnx(q: INT8, scale: FLOAT, group: int) -> FLOAT:
     n_k = op.Shape(q)
     grouped = op.Reshape(op.Cast(q, to=FLOAT.dtype), op.Concat(op.Shape(scale), op.Constant(value_ints=[group]), axis=0))
@@ -169,5 +199,6 @@ ONNX_TRANSLATIONS.update({
     torch.ops.fxcook.dequantize.default: dequantize_onnx,
     torch.ops.fxcook.quantize_per_token.default: quantize_per_token_onnx,
     torch.ops.fxcook.matmul_integer_to_float.default: matmul_integer_to_float_onnx,
+    torch.ops.fxcook.dynamic_quantize_matmul.default: dynamic_quantize_matmul_onnx,
     torch.ops.fxcook.dequantize_groups.default: dequantize_groups_onnx,
 })
