@@ -47,7 +47,7 @@ def _setup(max_length: int):
 
 
 def _scale_run(rank: int, world: int, args, tmp: str) -> dict:
-    from fxcook.train import train
+    from fxcook.trainer import train
 
     student, teacher, tok, lines, _, loss = _setup(args.max_length)
     res = train(student, teacher, lines, loss, tokenizer=tok, steps=args.scale_steps, batch_size=args.batch,
@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, args, tmp: str):
 
 def _recovery(args) -> list[dict]:
     from fxcook.evaluate import embed, fidelity
-    from fxcook.train import train
+    from fxcook.trainer import train
 
     student, teacher, tok, lines, held_out, loss = _setup(args.max_length)
     with torch.no_grad():

@@ -23,7 +23,7 @@ def load_recipe(path):
 def __getattr__(name):
     # Training and losses pull in torch.distributed; load them on first use.
     if name == "train":
-        from .train import train
+        from .trainer import train
         return train
     if name == "DistillLoss":
         from .distill import DistillLoss

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime timing")
     demo.set_defaults(func=cmd_demo)
     try:
-        from . import train as train_mod
+        from . import trainer as train_mod
     except ImportError:
         train_mod = None
     if train_mod is not None and hasattr(train_mod, "add_arguments"):

@@ -134,6 +134,7 @@ def finalize(module: nn.Module) -> None:
             for node in mod.graph.nodes:
                 if node.name == "self":  # a child called `self` (BERT) would shadow the module in generated code
                     node._rename("self_module")
+            mod.graph.owning_module = mod  # lint against the module as edited, not the last generated code
             mod.graph.lint()
             mod.finalize()
             mod._run_with_interpreter = False

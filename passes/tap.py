@@ -215,7 +215,6 @@ class Tap(Pass):
                 continue
             for owner, call in called[spec.path]:
                 graph = owner.graph
-                graph.owning_module = owner  # finalize() left it on the generated GraphModule
                 out = _output_leaf(call)
                 value = out if spec.where == "post" else _input_leaf(call, out)
                 if value is None:

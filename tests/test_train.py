@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     from fxcook.distill import DistillLoss
     from fxcook.models import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
-    from fxcook.train import train
+    from fxcook.trainer import train
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     data = {"input_ids": torch.randint(1, 128, (40, 10), generator=g),
@@ -74,7 +74,7 @@ def test_resume_after_kill_gives_identical_losses(killed_and_resumed):
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_others_stay_intact(killed_and_resumed):
-    from fxcook.train import CheckpointError, _sha256, latest_checkpoint, verify_checkpoint
+    from fxcook.trainer import CheckpointError, _sha256, latest_checkpoint, verify_checkpoint
 
     tmp, _, _ = killed_and_resumed
     out = tmp / "victim"
@@ -149,7 +149,6 @@ def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
 
 def test_fxcook_train_is_callable_and_lm_mode_learns():
     import fxcook
-    import fxcook.train  # noqa: F401  (the submodule shadows the function name on the package)
     from fxcook.distill import DistillLoss
     from fxcook.models import tiny_inputs, tiny_model
 
