@@ -293,7 +293,9 @@ def routed_ffn(
     fn = ACTIVATIONS[act]
     order, token, counts = _route(scores, k)
     xs = x.index_select(0, token)
-    use_grouped = x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    # CUDA grouped GEMM (bf16, 16-byte aligned rows); elsewhere one GEMM per expert.
+    use_grouped = (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+                   and x.shape[-1] % 8 == 0 and up.shape[1] % 8 == 0)
     # Inference writes each expert's GEMM straight into one buffer (no concatenation copies).
     inplace = not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, scores, up, up_bias, gate, gate_bias, down, down_bias))
