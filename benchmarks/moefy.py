@@ -134,7 +134,9 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, lr: float) -> d
 def render(rows: list[dict], mini: dict | None, args, device: str) -> str:
     lines = ["# MoEfication benchmark", "",
              f"Command: `python benchmarks/moefy.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-             f"Machine: {device}; torch {torch.__version__}; the same thread count for torch and ORT.", "",
+             f"Machine: {device}; torch {torch.__version__}; the same thread count for torch and ORT.", ""]
+    if rows:
+        lines += [
              f"## FFN latency (hidden {args.hidden}, inter {args.inter}, {args.tokens} tokens, ReLU, MLP router)", "",
              "Best of the interleaved timed calls; speed-up vs the dense FFN in the same runtime. The MoE time includes "
              "the router.", "",
@@ -172,6 +174,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--sentences", type=int, default=512)
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/moefy.md")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -179,7 +182,8 @@ def main() -> None:
     import platform
 
     device = f"{platform.machine()} CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start)"
-    rows = [r for t in threads for r in speed(args.hidden, args.inter, args.tokens, args.experts, args.reps, t)]
+    rows = [] if args.skip_speed else [
+        r for t in threads for r in speed(args.hidden, args.inter, args.tokens, args.experts, args.reps, t)]
     for r in rows:
         print(r)
     mini = None
