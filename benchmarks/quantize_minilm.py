@@ -1,12 +1,15 @@
 """int8 MiniLM on CPU, side by side in one process: torch fp32 eager, ONNX Runtime fp32, ORT's own
-`quantize_dynamic` (per-channel and per-tensor weights), and fxcook's int8 ONNX model.
+`quantize_dynamic` (per-channel and per-tensor weights), and fxcook's int8 ONNX models: per-token
+activations (MatMulIntegerToFloat), per-tensor dynamic activations (DynamicQuantizeMatMul), and the
+mixed scheme (per-token only on the layers measured most sensitive, per-tensor dynamic elsewhere).
 
 Latency: batch 8 x sequence 128 (padded), 2 threads, rounds interleaved across the variants so
 machine load hits all of them alike; the median per variant is reported with its ratio to torch.
 Fidelity: min/mean cosine of mean-pooled sentence embeddings vs fp32 torch over held-out
 Shakespeare lines (calibration uses other lines).
 
-    python benchmarks/quantize_minilm.py [--rounds 20] [--samples 256] [--out benchmarks/results/quantize_minilm.md]
+    python benchmarks/quantize_minilm.py [--rounds 20] [--samples 256] [--smoothquant 0.5]
+        [--dynamic-smoothquant 0.8] [--sensitive-layers 12] [--out benchmarks/results/quantize_minilm.md]
 """
 from __future__ import annotations
 
@@ -50,7 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--samples", type=int, default=256, help="held-out lines for fidelity")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--smoothquant", type=float, default=0.5)
+    ap.add_argument("--smoothquant", type=float, default=0.5, help="SmoothQuant alpha for per-token acts")
+    ap.add_argument("--dynamic-smoothquant", type=float, default=0.8, help="SmoothQuant alpha for per-tensor dynamic acts")
+    ap.add_argument("--sensitive-layers", type=int, default=12, help="per-token layers in the mixed scheme")
     ap.add_argument("--out", default="benchmarks/results/quantize_minilm.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -67,7 +72,12 @@ def main(argv=None) -> int:
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pc.onnx"), per_channel=True, weight_type=QuantType.QInt8)
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pt.onnx"), per_channel=False, weight_type=QuantType.QInt8)
     recipes = {"fxcook int8 (w/channel, a/token)": dict(),
-               f"fxcook int8 + SmoothQuant {args.smoothquant}": dict(smoothquant=args.smoothquant)}
+               f"fxcook int8 a/token + SmoothQuant {args.smoothquant}": dict(smoothquant=args.smoothquant),
+               f"fxcook int8 a/tensor/dynamic + SmoothQuant {args.dynamic_smoothquant}":
+                   dict(acts="int8/tensor/dynamic", smoothquant=args.dynamic_smoothquant),
+               f"fxcook int8 mixed ({args.sensitive_layers} sensitive a/token) + SmoothQuant {args.dynamic_smoothquant}":
+                   dict(acts="int8/tensor/dynamic", smoothquant=args.dynamic_smoothquant,
+                        sensitive_layers=args.sensitive_layers)}
     for i, kw in enumerate(recipes.values()):
         cooked = fxcook.compile(model, [Quantize(calibration=calib, **kw)], example_inputs=calib[0])
         fxonnx.export(cooked, tmp / f"fx{i}.onnx", example_inputs=calib[0])

@@ -12,6 +12,7 @@ from fxcook.models import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
 from fxcook.passes.quantize import _input_of
+from fxcook.quant import DynamicTensorQuant
 from fxcook.runtime import onnx as fxonnx
 
 
@@ -24,7 +25,12 @@ def n_act_quantized(cooked):
     return sum(1 for m in cooked.modules() if isinstance(m, CookedLinear) and m.input_quant is not None)
 
 
-@pytest.mark.parametrize("cfg", [{}, {"smoothquant": 0.5}, {"acts": "int8/tensor"}], ids=["token", "smooth", "static"])
+# "mixed": per-tensor dynamic (DynamicQuantizeMatMul) with SmoothQuant, per-token on the 2 most
+# sensitive linears (MatMulIntegerToFloat): both dynamic lowerings and SmoothQuant divisors at once
+MIXED = {"acts": "int8/tensor/dynamic", "smoothquant": 0.5, "sensitive_layers": 2}
+
+
+@pytest.mark.parametrize("cfg", [{}, MIXED, {"acts": "int8/tensor"}], ids=["token", "mixed", "static"])
 @settings(max_examples=1, deadline=None)
 @given(seed=st.integers(0, 1000))
 def test_ort_fuses_every_gemm_and_matches_fake_quant(tmp_path_factory, cfg, seed):
@@ -34,7 +40,7 @@ def test_ort_fuses_every_gemm_and_matches_fake_quant(tmp_path_factory, cfg, seed
     cooked = fxcook.compile(model, [Quantize(calibration=calib, **cfg)], example_inputs=x)
     path = fxonnx.export(cooked, tmp_path_factory.mktemp("onnx") / "m.onnx", example_inputs=x)
     ops = fxonnx.optimized_ops(path)
-    if "acts" in cfg:
+    if cfg.get("acts") == "int8/tensor":
         # static: ORT does not fuse a Q/DQ pair shared by several GEMMs (q, k, v read one input)
         shared = Counter(_input_of(cooked, p) for p, m in cooked.named_modules()
                          if isinstance(m, CookedLinear) and m.input_quant is not None)
@@ -42,6 +48,9 @@ def test_ort_fuses_every_gemm_and_matches_fake_quant(tmp_path_factory, cfg, seed
     else:
         assert fxonnx.integer_gemms(path) == n_act_quantized(cooked), ops
         assert ops["MatMulInteger"] == 0 and ops["DequantizeLinear"] == 0, ops
+        dynamic = sum(1 for m in cooked.modules() if isinstance(m, DynamicTensorQuant))
+        expected = n_act_quantized(cooked) - cfg["sensitive_layers"] if cfg.get("acts") else 0
+        assert ops["DynamicQuantizeMatMul"] == dynamic == expected, ops
     m = onnx.load(str(path))
     assert m.ir_version <= fxonnx.MAX_IR_VERSION
     # other batch and sequence sizes run (dynamic axes)
