@@ -72,7 +72,7 @@ def cmd_compress(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    run(samples=args.samples, onnx=not args.no_onnx)
+    run(samples=args.samples, distill=not args.no_distill)
     return 0
 
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     com.set_defaults(func=cmd_compress)
     demo = sub.add_parser("demo", help="compress the embedded MiniLM with every technique and report")
     demo.add_argument("--samples", type=int, default=256, help="held-out Shakespeare lines for fidelity")
-    demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime timing")
+    demo.add_argument("--no-distill", action="store_true", help="skip the short recovery distillation")
     demo.set_defaults(func=cmd_demo)
     try:
         from . import trainer as train_mod
