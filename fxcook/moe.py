@@ -10,7 +10,6 @@ real compute saving comes from.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import numpy as np

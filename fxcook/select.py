@@ -89,7 +89,7 @@ class Select(BaseModel):
         for p in self.include:
             near += difflib.get_close_matches(p.removeprefix("re:"), pool, n=5, cutoff=0.3)
         near = list(dict.fromkeys(near)) or pool[:5]
-        where = f" inside blocks" if self.scope == "blocks" else ""
+        where = " inside blocks" if self.scope == "blocks" else ""
         return (
             f"selector include={self.include} exclude={self.exclude} matched no {self.kind} site{where} "
             f"({len(pool)} {self.kind} sites exist); nearest paths: {', '.join(near) or 'none'}"

@@ -1,5 +1,4 @@
 """The command line: inspect lists MiniLM's sites; compress writes a model; errors exit cleanly."""
-import pytest
 import torch
 
 from fxcook.cli import main

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ from fxcook.models import tiny_inputs, tiny_model
 from fxcook.moe import MoEFFN, balanced_kmeans
 from fxcook.nn import CookedLinear
 from fxcook.ops import load_all
-from fxcook.passes import Moefy, Quantize, Relufy, Sparsify
+from fxcook.passes import Moefy, Quantize, Relufy
 from fxcook.quant import WeightQuant
 from fxcook.runtime.onnx import export, session
 

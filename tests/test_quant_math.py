@@ -127,7 +127,6 @@ def test_dynamic_tensor_spec():
 
 
 def _ort_dynamic_quantize_matmul(x, qw_t, ws, b):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

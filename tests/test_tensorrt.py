@@ -3,7 +3,6 @@ import importlib.util
 
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import fxcook
 from fxcook.models import tiny_inputs, tiny_model

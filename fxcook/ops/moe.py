@@ -14,45 +14,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import onnx
 import torch
 from onnxscript import FLOAT, UINT8, opset18 as op
-from onnxscript.values import Op, Opset
 
 from ..errors import NotSupportedYet
 from ..moe import routed_ffn
-from . import ONNX_TRANSLATIONS
+from . import ONNX_TRANSLATIONS, ort_op
 
 
 
-def _ort_schema(name: str) -> onnx.defs.OpSchema:
-    """The installed onnxruntime's own schema of a com.microsoft op, as an onnx OpSchema.
-
-    The onnx package carries no schemas for ORT contrib ops; copying ORT's keeps the emitted node
-    exactly what the installed runtime accepts.
-    """
-    from onnxruntime.capi import _pybind_state as ort_c
-
-    found = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == "com.microsoft"]
-    if not found:
-        raise NotSupportedYet(f"the installed onnxruntime has no com.microsoft.{name} op")
-    src = max(found, key=lambda s: s.since_version)
-    P = onnx.defs.OpSchema.FormalParameter
-    opt = {o.name: getattr(onnx.defs.OpSchema.FormalParameterOption, o.name) for o in type(src.inputs[0].option).__members__.values()}
-    params = lambda ps: [P(p.name, p.typeStr, param_option=opt[p.option.name]) for p in ps]
-    return onnx.defs.OpSchema(
-        name, "com.microsoft", src.since_version,
-        inputs=params(src.inputs), outputs=params(src.outputs),
-        type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in src.type_constraints],
-        attributes=[
-            onnx.defs.OpSchema.Attribute(a.name, getattr(onnx.defs.OpSchema.AttrType, a.type.name), required=False)
-            for a in src.attributes.values()
-        ],
-    )
-
-
-_msft = Opset("com.microsoft", 1)
-ORT_MOE, ORT_QMOE = Op(_msft, "MoE", _ort_schema("MoE")), Op(_msft, "QMoE", _ort_schema("QMoE"))
+ORT_MOE, ORT_QMOE = ort_op("MoE"), ort_op("QMoE")
 
 # fxcook activation name -> ORT MoE activation_type (ORT's gelu is the tanh approximation).
 ORT_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}

@@ -24,19 +24,16 @@ from typing import Optional
 
 import torch
 from onnxscript import FLOAT, INT8, UINT8, opset20 as op
-from onnxscript.values import Op, Opset
 
-from . import ONNX_TRANSLATIONS
-from .moe import _ort_schema
+from . import ONNX_TRANSLATIONS, ort_op
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dynamic_quantize_matmul",
            "dequantize_groups", "TOKEN_ZERO_POINT"]
 
 TOKEN_ZERO_POINT = 128  # per-token codes are stored as uint8 = int8 + 128
 _EPS = 1e-8
-_msft = Opset("com.microsoft", 1)
-ORT_MATMUL_INTEGER_TO_FLOAT = Op(_msft, "MatMulIntegerToFloat", _ort_schema("MatMulIntegerToFloat"))
-ORT_DYNAMIC_QUANTIZE_MATMUL = Op(_msft, "DynamicQuantizeMatMul", _ort_schema("DynamicQuantizeMatMul"))
+ORT_MATMUL_INTEGER_TO_FLOAT = ort_op("MatMulIntegerToFloat")
+ORT_DYNAMIC_QUANTIZE_MATMUL = ort_op("DynamicQuantizeMatMul")
 
 
 def _range(bits: int) -> tuple[int, int]:
