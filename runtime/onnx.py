@@ -187,6 +187,9 @@ def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
     except FxcookError:
         raise
     except Exception as exc:
+        cause = _fxcook_cause(exc)
+        if cause is not None:  # e.g. NotSupportedYet from an op translation, wrapped by the exporter
+            raise cause from exc
         raise FxcookError(f"ONNX export of {type(cooked).__name__} failed: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
     model = program.model_proto
@@ -198,6 +201,17 @@ def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _save_atomic(model, path)
     return path
+
+
+def _fxcook_cause(exc: BaseException) -> FxcookError | None:
+    """The first fxcook error in `exc`'s chain of causes, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, FxcookError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _share_initializers(model: onnx.ModelProto) -> None:
