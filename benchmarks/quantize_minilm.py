@@ -33,20 +33,6 @@ from fxcook.passes import Quantize  # noqa: E402
 from fxcook.runtime import onnx as fxonnx  # noqa: E402
 
 
-class OrtModel:
-    """Calls an ORT session like the HF model (keyword tensors in, last_hidden_state out)."""
-
-    def __init__(self, path: Path, threads: int):
-        self.session = fxonnx.session(path, threads=threads)
-        self.names = [i.name for i in self.session.get_inputs()]
-
-    def feeds(self, **enc):
-        return {k: enc[k].numpy() for k in self.names}
-
-    def __call__(self, **enc):
-        return torch.from_numpy(self.session.run(None, self.feeds(**enc))[0])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -84,7 +70,7 @@ def main(argv=None) -> int:
     files = {"ORT fp32": tmp / "fp32.onnx", "ORT quantize_dynamic per-channel": tmp / "ort_pc.onnx",
              "ORT quantize_dynamic per-tensor": tmp / "ort_pt.onnx",
              **{name: tmp / f"fx{i}.onnx" for i, name in enumerate(recipes)}}
-    runners = {"torch fp32 eager": model, **{k: OrtModel(p, args.threads) for k, p in files.items()}}
+    runners = {"torch fp32 eager": model, **{k: fxonnx.OrtModel(p, args.threads) for k, p in files.items()}}
     ref = embed(model, tok, held)
     rows = {}
     for name, run in runners.items():
@@ -98,7 +84,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds + 1):
             for name, run in runners.items():
                 t0 = time.perf_counter()
-                if isinstance(run, OrtModel):
+                if isinstance(run, fxonnx.OrtModel):
                     run.session.run(None, run.feeds(**timing))
                 else:
                     run(**timing)

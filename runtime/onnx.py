@@ -279,6 +279,20 @@ def session(path: str | os.PathLike, threads: int = 2, optimized_path: str | os.
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+class OrtModel:
+    """An ONNX Runtime session called like the HF model: keyword tensors in, first output out."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 2):
+        self.session = session(path, threads=threads)
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def feeds(self, **inputs) -> dict:
+        return {k: inputs[k].numpy() for k in self.names}
+
+    def __call__(self, **inputs) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, self.feeds(**inputs))[0])
+
+
 def optimized_ops(path: str | os.PathLike) -> Counter:
     """Op types (with counts) of the graph ONNX Runtime actually runs after its fusions."""
     with tempfile.TemporaryDirectory() as d:
