@@ -71,7 +71,7 @@ def cmd_compress(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    run(samples=args.samples, distill=not args.no_distill)
+    run(samples=args.samples, distill=not args.no_distill, onnx=not args.no_onnx)
     return 0
 
 
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compress the embedded MiniLM with every technique and report")
     demo.add_argument("--samples", type=int, default=256, help="held-out Shakespeare lines for fidelity")
     demo.add_argument("--no-distill", action="store_true", help="skip the short recovery distillation")
+    demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime export and timing")
     demo.set_defaults(func=cmd_demo)
     try:
         from . import trainer as train_mod
