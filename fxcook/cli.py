@@ -94,14 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-distill", action="store_true", help="skip the short recovery distillation")
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime export and timing")
     demo.set_defaults(func=cmd_demo)
-    try:
-        from . import trainer as train_mod
-    except ImportError:
-        train_mod = None
-    if train_mod is not None and hasattr(train_mod, "add_arguments"):
-        tr = sub.add_parser("train", help="train a compressed model (QAT, masks, distillation) on FSDP2")
-        train_mod.add_arguments(tr)
-        tr.set_defaults(func=train_mod.main)
+    from . import trainer
+
+    tr = sub.add_parser("train", help="train a compressed model (QAT, masks, distillation) on FSDP2")
+    trainer.add_arguments(tr)
+    tr.set_defaults(func=trainer.main)
     return p
 
 

@@ -25,17 +25,6 @@ class CookedLinear(nn.Module):
         self.weight_quant: nn.Module | None = None
         self.input_quant: nn.Module | None = None
 
-    @classmethod
-    def from_module(cls, module: nn.Module) -> "CookedLinear":
-        """A copy of an `nn.Linear` or an HF `Conv1D` (whose weight is stored `[in, out]`)."""
-        weight = module.weight.detach()
-        if type(module).__name__ == "Conv1D":
-            weight = weight.t()
-        bias = None if module.bias is None else module.bias.detach().clone()
-        out = cls(weight.clone().contiguous(), bias)
-        out.weight.requires_grad_(module.weight.requires_grad)
-        return out
-
     @property
     def in_features(self) -> int:
         return self.weight.shape[1]

@@ -32,10 +32,6 @@ class Change:
 class PassResult:
     changes: list[Change] = field(default_factory=list)
 
-    @property
-    def modified(self) -> bool:
-        return bool(self.changes)
-
 
 class Pass(abc.ABC):
     """A graph pass. Subclasses set `name` and `Config` and implement `call`."""

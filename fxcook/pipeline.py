@@ -17,8 +17,9 @@ from .sites import build_sites
 def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> CookedModel:
     """Capture `model` on `example_inputs` (dynamic batch/sequence dims) into a CookedModel.
 
-    The user's model is never mutated; with `inplace=True` the CookedModel shares its parameters
-    (halving peak memory for large models) and the original must not be trained afterwards.
+    The user's model is never mutated, except with `inplace=True`: then the CookedModel shares the
+    original's parameters (halving peak memory for large models), so passes that rewrite weights
+    (Sparsify's zeroing, SmoothQuant's scaling) and training change the original too.
     """
     ep = tracing.export(model, example_inputs)
     root = tracing.unflatten(ep, model, inplace=inplace)
@@ -27,8 +28,8 @@ def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> Coo
     return CookedModel.adopt(root, sites, types).train(model.training)
 
 
-def check_order(passes: Sequence[Pass], done: Sequence[str] = ()) -> None:
-    """Each pass's `after` names must not appear later in the list."""
+def check_order(passes: Sequence[Pass]) -> None:
+    """Each pass's `after` names must not appear later in the list (ordering within one pipeline)."""
     for i, p in enumerate(passes):
         if not isinstance(p, Pass):
             raise PassError(f"pipeline item {i} is {type(p).__name__}, not a fxcook Pass")
@@ -40,8 +41,11 @@ def check_order(passes: Sequence[Pass], done: Sequence[str] = ()) -> None:
 
 
 def apply(cooked: CookedModel, passes: Sequence[Pass]) -> CookedModel:
-    """Run `passes` on `cooked` in order; each is checked, linted, recompiled and logged."""
-    check_order(passes, [r.name for r in cooked.history])
+    """Run `passes` on `cooked` in place, in order; each is checked, linted, recompiled and logged.
+
+    A failing pass leaves `cooked` as far as it got (compile's copy, never the user's model).
+    """
+    check_order(passes)
     for p in passes:
         ran = [r.spec for r in cooked.history]
         try:
@@ -62,5 +66,5 @@ def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any =
     """Capture `model` and apply `passes`; returns a CookedModel called like the original."""
     if example_inputs is None:
         raise FxcookError("compile needs example_inputs (a batch the model accepts) to capture the graph")
-    check_order(passes)
+    check_order(passes)  # before the capture, which is the slow part
     return apply(capture(model, example_inputs, inplace=inplace), passes)
