@@ -39,7 +39,7 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     )
 
 
-def _dynamic_spec(value: Any) -> Any:
+def dynamic_spec(value: Any) -> Any:
     """Let export decide which of the batch and sequence dims are dynamic (Dim.AUTO)."""
     if isinstance(value, torch.Tensor):
         return {i: Dim.AUTO for i in range(min(value.dim(), 2))} or None
@@ -91,7 +91,7 @@ def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch
             bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
         except TypeError as e:
             raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
-        shapes = {k: pytree.tree_map(_dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
+        shapes = {k: pytree.tree_map(dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
                   for k, v in bound.items()}
     with _capture_mode(model):
         try:

@@ -1,7 +1,7 @@
 """ONNX / ONNX Runtime backend: export a CookedModel as an integer ONNX model and run it.
 
-Each quantized CookedLinear is lowered (on a copy; the CookedModel is untouched) to a module that
-calls fxcook's own ops (`fxcook.ops.quant`), whose translations emit:
+For the export, each quantized CookedLinear is swapped in place for a module that calls fxcook's own
+ops (`fxcook.ops.quant`) and put back afterwards (`lowered`); the translations emit:
 
 - per-token dynamic activations: x -> per-row absmax scale -> uint8 codes (int8 + 128) ->
   `com.microsoft.MatMulIntegerToFloat` with the int8 `[out, in]` weight initializer and its
@@ -32,6 +32,7 @@ from torch import nn
 from fxcook.errors import FxcookError, NotSupportedYet
 from fxcook.nn import CookedLinear
 from fxcook.quant import DynamicTensorQuant, TensorQuant, TokenQuant
+from fxcook.tracing import dynamic_spec, split_inputs
 
 __all__ = ["export", "lowered", "QuantLinearExport", "session", "optimized_ops", "integer_gemms",
            "INTEGER_GEMMS", "MAX_IR_VERSION"]
@@ -97,8 +98,7 @@ class QuantLinearExport(nn.Module):
 @contextlib.contextmanager
 def lowered(cooked: nn.Module):
     """`cooked` with its quantized CookedLinears swapped for QuantLinearExport modules, in eval
-    mode, for the duration of the block; everything is put back afterwards (graph modules hold
-    fake tensors in their metadata, so a deep copy is not possible)."""
+    mode, for the duration of the block; everything is put back afterwards (no copy of the weights)."""
     import fxcook.ops.quant  # noqa: F401  (registers the fxcook:: ops)
 
     swapped = []
@@ -119,28 +119,12 @@ def lowered(cooked: nn.Module):
             m.training = training
 
 
-def _split(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    raise FxcookError(f"export: example_inputs must be a tensor, tuple or dict, got {type(example_inputs).__name__}")
-
-
 def _output_names(out: Any) -> list[str]:
     if isinstance(out, torch.Tensor):
         return ["output"]
     if hasattr(out, "keys"):
         return [k for k in out.keys() if isinstance(out[k], torch.Tensor)]
     return [f"output_{i}" for i in range(len(out))]
-
-
-def _dynamic(value: Any):
-    if isinstance(value, torch.Tensor) and value.dim() >= 1:
-        return {i: torch.export.Dim.AUTO for i in range(min(value.dim(), 2))}
-    return None
 
 
 class _Flat(nn.Module):
@@ -173,12 +157,12 @@ def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
     if example_inputs is None:
         raise FxcookError("export needs example_inputs (a batch the model accepts) to trace the graph")
     path = Path(path)
-    args, kwargs = _split(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     try:
         with lowered(cooked) as low, torch.no_grad():
             names = _output_names(low(*args, **kwargs))
             flat = (*args, *kwargs.values())
-            shapes = {"inputs": tuple(_dynamic(t) for t in flat)} if dynamic else None
+            shapes = {"inputs": tuple(dynamic_spec(t) for t in flat)} if dynamic else None
             input_names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
             program = torch.onnx.export(_Flat(low, len(args), list(kwargs)), flat, dynamo=True,
                                         opset_version=opset, dynamic_shapes=shapes, input_names=input_names,

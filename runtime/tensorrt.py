@@ -10,15 +10,22 @@ profile for the dynamic batch/sequence axes and, optionally, 2:4 sparse weights.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import onnx
+import torch
 from onnx import numpy_helper
+from torch import nn
 
 from fxcook.errors import FxcookError
+from fxcook.nn import CookedLinear
+from fxcook.quant import TensorQuant
+from fxcook.runtime.onnx import _Flat
+from fxcook.tracing import split_inputs
 
-__all__ = ["check_explicit_quantization", "build_engine", "compile_torch_tensorrt"]
+__all__ = ["check_explicit_quantization", "build_engine", "trt_lowered", "compile_torch_tensorrt"]
 
 GEMMS = ("MatMul", "Gemm")
 PASS_THROUGH = ("Transpose", "Reshape", "Cast")  # layout ops TensorRT looks through to find the DQ
@@ -144,39 +151,59 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     return engine_path
 
 
-def compile_torch_tensorrt(cooked, example_inputs: dict, **options):
-    """torch-tensorrt dynamo path: quantized linears emit `torch.ops.tensorrt.quantize_op` (the op
-    torch-tensorrt converts to Q/DQ layers) on input and weight; returns the compiled module.
-    `cooked`'s quantized linears are swapped for these modules in place."""
+class _TrtQuantLinear(nn.Module):
+    """A static-int8 CookedLinear as TensorRT's explicit quantization: `quantize_op` (fake quant with
+    an amax) on the SmoothQuant-scaled input and on the masked weight, then a float linear."""
+
+    def __init__(self, lin: CookedLinear, quantize_op):
+        super().__init__()
+        iq, wq = lin.input_quant, lin.weight_quant
+        if not isinstance(iq, TensorQuant):
+            raise FxcookError("TensorRT int8 needs static per-tensor activations (acts: int8/tensor)")
+        if wq.group_size is not None:
+            raise FxcookError("TensorRT int8 needs per-channel weights (weights: int8/channel)")
+        self.quantize_op = quantize_op
+        with torch.no_grad():
+            w = lin.weight if lin.weight_mask is None else lin.weight * lin.weight_mask
+            self.register_buffer("weight", w.detach().clone())
+            self.register_buffer("amax_w", wq.current_scale(w).detach() * wq.q)
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().clone())
+        self.register_buffer("amax_x", iq.scale.detach().abs().reshape(()) * iq.q)
+        smooth = iq.smooth
+        self.register_buffer("inv_smooth", None if smooth is None else 1.0 / smooth.detach())
+
+    def forward(self, x):
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        q = self.quantize_op
+        return nn.functional.linear(q(x, self.amax_x, 8, 0, False, False),
+                                    q(self.weight, self.amax_w, 8, 0, False, False), self.bias)
+
+
+def trt_lowered(cooked, quantize_op):
+    """A copy of `cooked` (eval mode) whose quantized linears call `quantize_op` as TensorRT's
+    Q/DQ (`torch.ops.tensorrt.quantize_op` for a real build); `cooked` itself is left untouched."""
+    low = copy.deepcopy(cooked).eval()
+    for path, mod in list(low.named_modules()):
+        if isinstance(mod, CookedLinear) and mod.weight_quant is not None:
+            low.swap(path, _TrtQuantLinear(mod, quantize_op))
+    return low
+
+
+def compile_torch_tensorrt(cooked, example_inputs, **options):
+    """torch-tensorrt dynamo path on a lowered copy of `cooked` (see `trt_lowered`); returns the
+    compiled module, called with the example inputs' tensors positionally (positional inputs, then
+    keyword values in order) and returning a tuple of output tensors, like the ONNX export."""
     try:
-        import torch
         import torch_tensorrt
     except ImportError as e:
         raise FxcookError("compile_torch_tensorrt needs `torch_tensorrt` (pip install fxcook[tensorrt])") from e
     if not hasattr(torch.ops.tensorrt, "quantize_op"):
         raise FxcookError("torch.ops.tensorrt.quantize_op is not registered (install nvidia-modelopt)")
-    from torch import nn
-
-    from fxcook.nn import CookedLinear
-    from fxcook.quant import TensorQuant
-
-    class _TrtQuantLinear(nn.Module):
-        def __init__(self, lin: CookedLinear):
-            super().__init__()
-            if not isinstance(lin.input_quant, TensorQuant):
-                raise FxcookError("TensorRT int8 needs static per-tensor activations (acts: int8/tensor)")
-            self.weight, self.bias = lin.weight, lin.bias
-            self.register_buffer("amax_x", lin.input_quant.scale.detach().abs().reshape(()) * 127)
-            self.register_buffer("amax_w", lin.weight.detach().abs().amax(dim=1, keepdim=True))
-
-        def forward(self, x):
-            q = torch.ops.tensorrt.quantize_op
-            return nn.functional.linear(q(x, self.amax_x, 8, 0, False, False),
-                                        q(self.weight, self.amax_w, 8, 0, False, False), self.bias)
-
-    for path, mod in list(cooked.named_modules()):
-        if isinstance(mod, CookedLinear) and mod.weight_quant is not None:
-            cooked.swap(path, _TrtQuantLinear(mod))
-    ep = torch.export.export(cooked, (), dict(example_inputs), strict=False)
-    return torch_tensorrt.dynamo.compile(ep, arg_inputs=(), kwarg_inputs=dict(example_inputs),
+    args, kwargs = split_inputs(example_inputs)
+    flat = (*args, *kwargs.values())
+    low = _Flat(trt_lowered(cooked, torch.ops.tensorrt.quantize_op), len(args), list(kwargs))
+    with torch.no_grad():
+        ep = torch.export.export(low, flat, strict=False)
+    return torch_tensorrt.dynamo.compile(ep, arg_inputs=flat,
                                          enabled_precisions={torch.int8, torch.float16, torch.float32}, **options)

@@ -3,7 +3,9 @@
 `lower(cooked)` replaces each `CookedLinear` by the fastest kernel its weight allows and says, per
 layer, why a layer stayed dense. It follows fxcook's canonical int8 scheme: symmetric, zero-point 0,
 weights per output channel, activations per token (computed at run time), int32 accumulation and one
-rescale (weight scale x token scale, + bias). Everything CUDA-only is imported when used, so this
+rescale (weight scale x token scale, + bias). A SmoothQuant divisor on a layer's input quantizer
+becomes an `inv_smooth` buffer multiplied into the input (the weight columns already carry the
+factors). Everything CUDA-only is imported when used, so this
 module imports and plans on a CPU machine (where every 2:4 layer stays dense: no CPU kernel exists).
 """
 from __future__ import annotations
@@ -77,15 +79,23 @@ def _pad_rows(t: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
     return t if rows == t.shape[0] else F.pad(t, (0, 0, 0, rows - t.shape[0]))
 
 
-def int8_linear(
-    x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """`x @ dequant(wq).T + bias` with x quantized per token, an int8 x int8 -> int32 GEMM and a fused rescale.
+def _smoothed(x2: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+    """The input as the quantizer sees it: divided per channel by the SmoothQuant factors (in fp32)."""
+    return x2 if inv_smooth is None else x2.float() * inv_smooth
 
-    wq: int8 [N, K]; w_scale: float32 [N]. Works on CPU too (torch._int_mm has a CPU kernel).
+
+def int8_linear(
+    x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, inv_smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(x * inv_smooth) @ dequant(wq).T + bias` with x quantized per token, an int8 x int8 -> int32
+    GEMM and a fused rescale.
+
+    wq: int8 [N, K]; w_scale: float32 [N]; inv_smooth: float32 [K] or None. Works on CPU too
+    (torch._int_mm has a CPU kernel).
     """
     shape, k = x.shape, x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = _smoothed(x.reshape(-1, k), inv_smooth)
     m = x2.shape[0]
     xq, xs = quantize_rows(x2)
     if x.is_cuda:  # cuBLASLt int8: more than 16 rows
@@ -98,15 +108,16 @@ def int8_linear(
 class Int8Linear(nn.Module):
     """int8 weights (per output channel) and per-token dynamic int8 activations, via torch._int_mm."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None):
         super().__init__()
         wq, ws = _quantize_rows(weight.detach())
         self.register_buffer("wq", wq.contiguous())
         self.register_buffer("w_scale", ws.reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("inv_smooth", None if inv_smooth is None else inv_smooth.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.wq, self.w_scale, self.bias)
+        return int8_linear(x, self.wq, self.w_scale, self.bias, inv_smooth=self.inv_smooth)
 
     def extra_repr(self) -> str:
         return f"in={self.wq.shape[1]}, out={self.wq.shape[0]}, int8"
@@ -123,15 +134,19 @@ def _sparse_class(backend: str):
 class Sparse24Linear(nn.Module):
     """fp16/bf16 2:4 linear: the weight compressed by `to_sparse_semi_structured` (cuSPARSELt or CUTLASS)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt",
+                 inv_smooth: torch.Tensor | None = None):
         super().__init__()
         self.backend = backend
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(_sparse_class(backend).from_dense(weight.detach().contiguous()), requires_grad=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("inv_smooth", None if inv_smooth is None else inv_smooth.detach().to(weight.dtype).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
         y = F.linear(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
@@ -142,7 +157,8 @@ class Sparse24Linear(nn.Module):
 class Int8Sparse24Linear(nn.Module):
     """int8 x int8 2:4 GEMM: cuSPARSELt with the weight scale as per-channel alpha, or CUTLASS int32 + rescale."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt", out_dtype=torch.bfloat16):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt",
+                 out_dtype=torch.bfloat16, inv_smooth: torch.Tensor | None = None):
         super().__init__()
         self.backend, self.out_dtype = backend, out_dtype
         wq, ws = _quantize_rows(weight.detach())
@@ -150,6 +166,7 @@ class Int8Sparse24Linear(nn.Module):
         self.out_features, self.in_features = wq.shape
         self.register_buffer("w_scale", ws.reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype).clone())
+        self.register_buffer("inv_smooth", None if inv_smooth is None else inv_smooth.detach().float().clone())
         if backend == "cusparselt":
             self.register_buffer("packed", torch._cslt_compress(wq))
             self.register_buffer("meta", None)
@@ -160,7 +177,7 @@ class Int8Sparse24Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = _smoothed(x.reshape(-1, shape[-1]), self.inv_smooth)
         m = x2.shape[0]
         xq, xs = quantize_rows(x2)
         xq, xs = _pad_rows(xq, 16), _pad_rows(xs, 16)
@@ -213,7 +230,7 @@ def sparse24_reason(weight: torch.Tensor, dtype: torch.dtype, backend: str = "cu
     return None
 
 
-def int8_reason(weight: torch.Tensor, device="cuda") -> str | None:
+def int8_reason(weight: torch.Tensor) -> str | None:
     """Why `weight` cannot run through torch._int_mm, or None if it can (K and N multiples of 8)."""
     n, k = weight.shape
     if k % 8 or n % 8:
@@ -248,7 +265,7 @@ class Lowering:
 def _plan(mod: CookedLinear, w: torch.Tensor, dtype, device, backend, sparse: bool, int8) -> LayerPlan:
     want_int8 = int8 is True or (int8 == "auto" and mod.weight_quant is not None and mod.bits == 8)
     notes = []
-    i8_reason = int8_reason(w, device) if want_int8 else None
+    i8_reason = int8_reason(w) if want_int8 else None
     if want_int8 and i8_reason:
         notes.append(f"int8: {i8_reason}")
     use_int8 = want_int8 and not i8_reason
@@ -276,7 +293,9 @@ def lower(
     int8="auto",
     inplace: bool = False,
 ) -> Lowering:
-    """Move a CookedModel to `device`/`dtype` and swap its CookedLinears for int8 / 2:4 kernels.
+    """Move a CookedModel (a copy unless `inplace`) to `device`/`dtype` and swap its CookedLinears
+    for int8 / 2:4 kernels, which run the masked, SmoothQuant-scaled weight (`effective_weight()`)
+    on the input divided by the layer's SmoothQuant factors.
 
     int8: "auto" (layers that Quantize made 8-bit), True (every eligible layer) or False. A 2:4 layer
     needs a mask from Sparsify and a weight that passes `sparse24_reason`. Returns the model and a
@@ -287,29 +306,25 @@ def lower(
     if int8 not in (True, False, "auto"):
         raise ValueError(f"int8 must be True, False or 'auto', got {int8!r}")
     model = cooked if inplace else copy.deepcopy(cooked)
-    root = getattr(model, "graph_module", model)
     todo = []
-    for path, mod in root.named_modules():
+    for path, mod in model.named_modules():
         if isinstance(mod, CookedLinear):
-            w = mod.effective_weight().detach().float()
+            w = mod.effective_weight().detach().float()  # quant(weight * mask)
             plan = _plan(mod, w, dtype, device, backend, sparse, int8)
             plan.path = path
-            todo.append((plan, w, None if mod.bias is None else mod.bias.detach().float()))
+            smooth = getattr(mod.input_quant, "smooth", None)
+            todo.append((plan, w, None if mod.bias is None else mod.bias.detach().float(),
+                         None if smooth is None else 1.0 / smooth.detach().float()))
     model.to(device=device, dtype=dtype)
-    for plan, w, b in todo:
-        w, b = w.to(device), None if b is None else b.to(device)
+    for plan, w, b, inv in todo:
+        w, b, inv = (None if t is None else t.to(device) for t in (w, b, inv))
         if plan.kernel == "int8+2:4":
-            new = Int8Sparse24Linear(w, b, backend, out_dtype=dtype)
+            new = Int8Sparse24Linear(w, b, backend, out_dtype=dtype, inv_smooth=inv)
         elif plan.kernel == "int8":
-            new = Int8Linear(w, b)
+            new = Int8Linear(w, b, inv)
         elif plan.kernel == "2:4":
-            new = Sparse24Linear(w.to(dtype), None if b is None else b.to(dtype), backend)
+            new = Sparse24Linear(w.to(dtype), None if b is None else b.to(dtype), backend, inv)
         else:
             continue
-        model.swap(plan.path, new) if hasattr(model, "swap") else _set_submodule(root, plan.path, new)
-    return Lowering(model, [p for p, _, _ in todo])
-
-
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
+        model.swap(plan.path, new)
+    return Lowering(model, [p for p, *_ in todo])

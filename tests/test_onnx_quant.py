@@ -101,3 +101,5 @@ def test_export_needs_example_inputs(tmp_path):
     cooked = fxcook.compile(model, [Quantize()], example_inputs=x)
     with pytest.raises(fxcook.FxcookError, match="example_inputs"):
         fxonnx.export(cooked, tmp_path / "m.onnx")
+    with pytest.raises(fxcook.FxcookError, match="example_inputs must be a tensor"):
+        fxonnx.export(cooked, tmp_path / "m.onnx", example_inputs=3)

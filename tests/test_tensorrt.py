@@ -1,14 +1,16 @@
-"""TensorRT lowering: the exported static-int8 ONNX obeys TensorRT's explicit-quantization rules."""
+"""TensorRT lowering: the exported static-int8 ONNX obeys TensorRT's explicit-quantization rules, and the
+torch-tensorrt path lowers a copy that computes what the CookedModel computes."""
 import importlib.util
 
 import onnx
 import pytest
+import torch
 
 import fxcook
 from fxcook.models import tiny_inputs, tiny_model
-from fxcook.passes import Quantize
+from fxcook.passes import Quantize, Sparsify
 from fxcook.runtime import onnx as fxonnx
-from fxcook.runtime.tensorrt import build_engine, check_explicit_quantization
+from fxcook.runtime.tensorrt import build_engine, check_explicit_quantization, trt_lowered
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -44,3 +46,27 @@ def test_validator_flags_nonzero_zero_point_and_dynamic_ops(static_onnx, tmp_pat
 def test_build_engine(static_onnx, tmp_path):
     path, _ = static_onnx
     assert build_engine(path, tmp_path / "m.plan").stat().st_size > 0
+
+
+def _fake_quantize_op(x, amax, num_bits, exponent_bits, unsigned, narrow_range):
+    """CPU stand-in for torch.ops.tensorrt.quantize_op (symmetric int8 fake quant from an amax)."""
+    scale = amax / 127
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+
+def test_trt_lowering_is_a_copy_that_matches_a_masked_smoothquant_model():
+    calib = [tiny_inputs("bert", seed=s) for s in range(2)]
+    model = tiny_model("bert", seed=4)
+    cooked = fxcook.compile(model, [Sparsify(), Quantize(acts="int8/tensor", smoothquant=0.8, calibration=calib)],
+                            example_inputs=calib[0])
+    before = {k: v.clone() for k, v in cooked.state_dict().items()}
+    types = {p: type(m) for p, m in cooked.named_modules()}
+    low = trt_lowered(cooked, _fake_quantize_op)
+    assert {p: type(m) for p, m in cooked.named_modules()} == types
+    assert all(torch.equal(v, cooked.state_dict()[k]) for k, v in before.items())
+    swapped = [m for m in low.modules() if type(m).__name__ == "_TrtQuantLinear"]
+    assert swapped and all(m.inv_smooth is not None for m in swapped)
+    x = calib[1]
+    with torch.no_grad():
+        ref, got = cooked(**x).last_hidden_state, low(**x).last_hidden_state
+    assert float((got - ref).norm() / ref.norm()) < 1e-4

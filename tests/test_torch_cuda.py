@@ -5,8 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fxcook
 from fxcook.masks import m4n2_1d
+from fxcook.models import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
+from fxcook.passes import Quantize, Sparsify
 from fxcook.runtime import torch_cuda as TC
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,22 +53,28 @@ def test_int8_weight_codes_are_exact():
 
 
 class _Toy(nn.Module):
-    def __init__(self, masked: bool):
+    def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.a = CookedLinear(torch.randn(64, 64, generator=g), torch.randn(64, generator=g))
-        self.b = CookedLinear(torch.randn(32, 64, generator=g))
-        self.c = CookedLinear(torch.randn(5, 32, generator=g))  # too small for int8 / 2:4
-        if masked:
-            for lin in (self.a, self.b):
-                lin.set_mask(m4n2_1d(lin.weight))
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 32, bias=False), nn.Linear(32, 5, bias=False)  # c: too small
+        for lin in (self.a, self.b, self.c):
+            for p in lin.parameters():
+                p.data = torch.randn(p.shape, generator=g)
 
     def forward(self, x):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
+def _toy(masked: bool):
+    cooked = fxcook.compile(_Toy(), [], example_inputs=(torch.randn(2, 3, 64),))
+    if masked:
+        for lin in (cooked.a, cooked.b):
+            lin.set_mask(m4n2_1d(lin.weight))
+    return cooked
+
+
 def test_lower_on_cpu_keeps_2_4_dense_with_a_reason_and_runs_int8():
-    toy = _Toy(masked=True)
+    toy = _toy(masked=True)
     before = {k: v.clone() for k, v in toy.state_dict().items()}
     low = TC.lower(toy, dtype=torch.float32, device="cpu", int8=True)
     assert all(torch.equal(v, toy.state_dict()[k]) for k, v in before.items())  # input not mutated
@@ -81,7 +90,7 @@ def test_lower_on_cpu_keeps_2_4_dense_with_a_reason_and_runs_int8():
 
 
 def test_lower_plans_name_why_a_layer_stays_dense():
-    toy = _Toy(masked=False)
+    toy = _toy(masked=False)
     low = TC.lower(toy, dtype=torch.float32, device="cpu", int8="auto")
     assert low.count("dense") == 3  # nothing quantized, nothing masked
     assert all("no 2:4 mask" in p.reason for p in low.layers)
@@ -89,6 +98,27 @@ def test_lower_plans_name_why_a_layer_stays_dense():
     assert "multiple of 4" in TC.sparse24_reason(torch.randn(32, 6), torch.bfloat16)
     with pytest.raises(ValueError, match="backend"):
         TC.lower(toy, backend="nope")
+
+
+def test_lower_applies_smoothquant_divisor_and_mask_on_cpu():
+    calib = [tiny_inputs("bert", seed=s) for s in range(2)]
+    model = tiny_model("bert", seed=3, hidden_size=64, intermediate_size=128)
+    cooked = fxcook.compile(model, [Sparsify(), Quantize(smoothquant=0.8, calibration=calib)],
+                            example_inputs=tiny_inputs("bert"))
+    smoothed = [p for p, m in cooked.named_modules() if isinstance(m, CookedLinear)
+                and m.input_quant is not None and m.input_quant.smooth is not None]
+    assert smoothed
+    before = {k: v.clone() for k, v in cooked.state_dict().items()}
+    low = TC.lower(cooked, dtype=torch.float32, device="cpu", int8="auto")
+    assert all(torch.equal(v, cooked.state_dict()[k]) for k, v in before.items())
+    for path in smoothed:
+        new = low.model.get_submodule(path)
+        assert isinstance(new, TC.Int8Linear) and new.inv_smooth is not None, path
+        assert (new.wq[cooked.get_submodule(path).weight_mask == 0] == 0).all(), path  # 2:4 zeros kept
+    x = tiny_inputs("bert", seed=9)
+    with torch.no_grad():
+        ref, out = cooked(**x).last_hidden_state, low.model(**x).last_hidden_state
+    assert _rel(out, ref) < 1e-3  # same int8 arithmetic as the fake quantizers (4% off without the divisor)
 
 
 # ---------------------------------------------------------------- GPU only
@@ -143,7 +173,7 @@ def test_int8_linear_cuda_matches_cpu():
 
 @needs_cuda
 def test_lower_on_gpu_uses_sparse_kernels():
-    toy = _Toy(masked=True)
+    toy = _toy(masked=True)
     low = TC.lower(toy, dtype=torch.bfloat16, device="cuda", int8=False)
     plans = {p.path: p for p in low.layers}
     if plans["a"].kernel != "2:4":
