@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import FxcookError
+from .tracing import call_batch
 
 __all__ = [
     "qmax", "fake_quant", "parse_weights", "parse_acts", "WeightQuant", "TokenQuant", "TensorQuant",
@@ -254,7 +255,7 @@ class TensorQuant(_ActQuant):
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.scale.detach() > 0)
+        return bool(self.scale.detach() != 0)  # LSQ may learn a negative scale; forward uses |scale|
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pre(x)
@@ -307,14 +308,6 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, desc: str = "calibration") -> int:
     """Run `batches` through `model` with every TensorQuant observing, then fix their scales.
@@ -330,7 +323,7 @@ def calibrate(model: nn.Module, batches: Iterable, desc: str = "calibration") ->
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         for batch in tqdm(batches, desc=desc, total=total, leave=False):
-            _call(model, batch)
+            call_batch(model, batch)
             seen += 1
     finally:
         for m in observers:

@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .nn import CookedLinear
 LINEAR_TYPES = ("Linear", "Conv1D")
 
 
-def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+def split_inputs(example_inputs: Any, what: str = "example_inputs") -> tuple[tuple, dict]:
     """Normalise example inputs to (args, kwargs): a mapping is kwargs, a tuple/list is args."""
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
@@ -34,9 +34,15 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     raise CaptureError(
-        f"example_inputs must be a tensor, a tuple/list of positional inputs or a mapping of keyword "
+        f"{what} must be a tensor, a tuple/list of positional inputs or a mapping of keyword "
         f"inputs, got {type(example_inputs).__name__}"
     )
+
+
+def call_batch(model: Any, batch: Any) -> Any:
+    """Call `model` on one batch given like example inputs (mapping, tuple/list or tensor)."""
+    args, kwargs = split_inputs(batch, "a calibration/data batch")
+    return model(*args, **kwargs)
 
 
 def dynamic_spec(value: Any) -> Any:
@@ -113,17 +119,28 @@ def _tensor_placeholders(graph: torch.fx.Graph) -> list[int]:
     return out
 
 
-def _calls(root: nn.Module) -> dict[str, list[tuple[nn.Module, torch.fx.Node]]]:
-    """Map each submodule path to the (parent module, call_module node) pairs that call it."""
-    out: dict[str, list] = {}
-    for path, mod in root.named_modules(remove_duplicate=False):
+class CallSite(NamedTuple):
+    """One call of a module: the calling module (its path and itself) and the call_module node."""
+
+    owner: str
+    module: nn.Module
+    node: torch.fx.Node
+
+
+def call_sites(root: nn.Module, remove_duplicate: bool = True) -> dict[str, list[CallSite]]:
+    """Map each submodule path to the CallSites that call it, over every graph under `root`.
+
+    `remove_duplicate=False` also walks modules reachable under several paths once per path.
+    """
+    out: dict[str, list[CallSite]] = {}
+    for path, mod in root.named_modules(remove_duplicate=remove_duplicate):
         graph = getattr(mod, "graph", None)
         if not isinstance(graph, torch.fx.Graph):
             continue
         for node in graph.nodes:
             if node.op == "call_module":
                 full = f"{path}.{node.target}" if path else node.target
-                out.setdefault(full, []).append((mod, node))
+                out.setdefault(full, []).append(CallSite(path, mod, node))
     return out
 
 
@@ -214,7 +231,7 @@ def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool 
         else:
             setattr(owner, attr, _own(tensor, memo, inplace))
     originals = dict(model.named_modules())
-    calls = _calls(root)
+    calls = call_sites(root, remove_duplicate=False)
     for path, orig in originals.items():
         if type(orig).__name__ not in LINEAR_TYPES or path not in calls:
             continue
@@ -232,7 +249,7 @@ def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool 
         else:
             cooked = CookedLinear(weight, bias)
         setattr(parent, name, cooked)
-        for _, node in calls[path]:
+        for _, _, node in calls[path]:
             node.args = (node.args[keep[0]],)
             node.kwargs = {}
     _retie(root, model)

@@ -427,10 +427,12 @@ def main(args: argparse.Namespace) -> int:
     rank, world, _ = init_distributed()
     teacher, tokenizer = load_model(args.model)
     lines = load_lines(args.data, n=None, seed=settings["seed"])
-    held_out, lines = lines[-args.eval_lines:], lines[:-args.eval_lines]  # calibration uses the first lines
+    held_out = []
+    if args.eval_lines > 0:  # lines[:-0] would be empty: split only when lines are held out
+        held_out, lines = lines[-args.eval_lines:], lines[:-args.eval_lines]  # calibration uses the first lines
     if args.lines:
         lines = lines[:args.lines]
-    passes, example = [], example_batch(tokenizer, held_out[:4], settings["max_length"])
+    passes, example = [], example_batch(tokenizer, (held_out or lines)[:4], settings["max_length"])
     if recipe is not None:
         from .cli import calibration_for
 
@@ -457,7 +459,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _fidelity(teacher, student, tokenizer, lines) -> dict | None:
-    """Embedding fidelity of the student vs the teacher (encoders only; None for LMs)."""
+    """Embedding fidelity of the student vs the teacher (encoders only; None for LMs or no lines)."""
+    if not lines:
+        return None
     if hasattr(getattr(teacher, "config", None), "vocab_size") and "ForCausalLM" in type(teacher).__name__:
         return None
     from .evaluate import embed, fidelity

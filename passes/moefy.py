@@ -36,6 +36,7 @@ from fxcook.moe import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partit
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.select import Select
+from fxcook.tracing import call_batch, call_sites
 
 __all__ = ["Moefy"]
 
@@ -63,28 +64,8 @@ class MoefyConfig(PassConfig):
         return self
 
 
-def _batch_call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def _join(owner: str, target: str) -> str:
     return f"{owner}.{target}" if owner else target
-
-
-def _call_sites(root: nn.Module) -> dict[str, list[tuple[str, torch.fx.Node]]]:
-    """Module path -> (owner path, call_module node) for every call in every graph."""
-    out: dict[str, list] = {}
-    for path, mod in root.named_modules():
-        graph = getattr(mod, "graph", None)
-        if isinstance(graph, torch.fx.Graph):
-            for node in graph.nodes:
-                if node.op == "call_module":
-                    out.setdefault(_join(path, node.target), []).append((path, node))
-    return out
 
 
 def _placeholders(mod: nn.Module) -> list[torch.fx.Node]:
@@ -97,7 +78,7 @@ def _flows_only_to(root: nn.Module, calls, start: str, through: set[str], end: s
     The value is followed across module boundaries: into a callee's placeholder, and out of a
     module's graph into its callers' graphs.
     """
-    work = list(calls.get(start, []))
+    work = [(c.owner, c.node) for c in calls.get(start, [])]
     seen = set()
     while work:
         owner, node = work.pop()
@@ -121,7 +102,7 @@ def _flows_only_to(root: nn.Module, calls, start: str, through: set[str], end: s
             elif user.op == "output":
                 if user.args[0] is not node or not owner:
                     return False
-                work += calls.get(owner, [])
+                work += [(c.owner, c.node) for c in calls.get(owner, [])]
             else:
                 return False
     return True
@@ -135,9 +116,9 @@ def _local_slice(graph: torch.fx.Graph, calls: dict, owner: str, info: dict):
         if path is None:
             continue
         sites = calls.get(path, [])
-        if len(sites) != 1 or sites[0][0] != owner:
+        if len(sites) != 1 or sites[0].owner != owner:
             return None
-        nodes[key] = sites[0][1]
+        nodes[key] = sites[0].node
     x = nodes["up"].args[0]
     if "gate" in nodes and nodes["gate"].args[0] is not x:
         return None
@@ -244,7 +225,7 @@ class Moefy(Pass):
             for i, batch in enumerate(tqdm(self.calibration, desc="moefy calibration", total=total, leave=False)):
                 if i >= cfg.calib_batches:
                     break
-                _batch_call(cooked, batch)
+                call_batch(cooked, batch)
         finally:
             for h in hooks:
                 h.remove()
@@ -341,7 +322,7 @@ class Moefy(Pass):
         need_data = cfg.router == "mlp" or cfg.method == "coactivation"
         hidden = self._calibrate(cooked, sites) if need_data else {}
         built = [(s, self._build(s, cooked, hidden.get(s.path))) for s in tqdm(sites, desc="moefy", leave=False)]
-        calls = _call_sites(cooked)
+        calls = call_sites(cooked)
         changes = []
         for site, moe in built:
             path = self._install(cooked, site, moe, calls)

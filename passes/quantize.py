@@ -26,6 +26,7 @@ from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.quant import (OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights,
                           smooth_factors)
 from fxcook.select import Select
+from fxcook.tracing import call_batch
 
 __all__ = ["Quantize", "QuantizeConfig"]
 
@@ -172,11 +173,11 @@ class Quantize(Pass):
             m.weight_quant = m.input_quant = None
         err = dict.fromkeys(linears, 0.0)
         try:
-            refs = [_first_tensor(_call(cooked, b)) for b in batches]
+            refs = [_first_tensor(call_batch(cooked, b)) for b in batches]
             for path, mod in tqdm(linears.items(), desc="quantize sensitivity", leave=False):
                 mod.input_quant = stash[path][1]
                 for batch, ref in zip(batches, refs):
-                    err[path] += float((_first_tensor(_call(cooked, batch)) - ref).float().square().sum())
+                    err[path] += float((_first_tensor(call_batch(cooked, batch)) - ref).float().square().sum())
                 mod.input_quant = None
         finally:
             for p, m in linears.items():
@@ -205,7 +206,7 @@ class Quantize(Pass):
         hooks = [m.register_forward_pre_hook(hook_for(p)) for p, m in linears.items()]
         try:
             for batch in tqdm(batches, desc="smoothquant calibration", leave=False):
-                _call(cooked, batch)
+                call_batch(cooked, batch)
         finally:
             for h in hooks:
                 h.remove()
@@ -244,14 +245,6 @@ def _input_of(cooked, path: str) -> str:
     if len(calls) != 1 or not calls[0].args:
         return path
     return f"{parent}:{calls[0].args[0]}"
-
-
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _first_tensor(out) -> torch.Tensor:

@@ -15,6 +15,7 @@ raw weights are kept (dormant, zero-gradient) until the mask is final, then zero
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable
 from typing import Literal
 
@@ -27,6 +28,7 @@ from fxcook.masks import count_24_violations, make_mask
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.select import Select
+from fxcook.tracing import call_batch
 
 __all__ = ["Sparsify", "Schedule", "MaskState", "update_masks", "activation_norms"]
 
@@ -66,14 +68,6 @@ class SparsifyConfig(PassConfig):
         return self
 
 
-def _batch_call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 @contextlib.contextmanager
 def _quantizers_off(cooked):
     """Run the float model: stash every CookedLinear's quantizers, restore them on exit."""
@@ -111,7 +105,7 @@ def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batche
             for i, batch in enumerate(tqdm(calibration, desc="wanda calibration", total=total, leave=False)):
                 if i >= max_batches:
                     break
-                _batch_call(cooked, batch)
+                call_batch(cooked, batch)
     finally:
         for h in hooks:
             h.remove()
@@ -245,6 +239,8 @@ class Sparsify(Pass):
             if getattr(cooked, "mask_schedules", None) is None:
                 cooked.mask_schedules = []
             cooked.mask_schedules.append(state)
+        # read the calibration iterable once: sequential Wanda uses it per block, and a generator would run dry
+        batches = list(itertools.islice(self.calibration, cfg.calib_batches)) if cfg.method == "wanda" else []
         if cfg.method == "wanda" and cfg.sequential:
             # Wanda's order: each block is calibrated on inputs produced by the already-pruned blocks before it
             groups: dict[str | None, list[str]] = {}
@@ -252,13 +248,13 @@ class Sparsify(Pass):
                 groups.setdefault(cooked.sites.block_of(p), []).append(p)
             changes = []
             for group in groups.values():
-                state.norms.update(activation_norms(cooked, group, self.calibration, cfg.calib_batches))
+                state.norms.update(activation_norms(cooked, group, batches, cfg.calib_batches))
                 state.paths = group
                 changes += state.apply(cooked, state.sparsity_at(start), state.final)
             state.paths = paths
             return PassResult(changes)
         if cfg.method == "wanda":
-            state.norms = activation_norms(cooked, paths, self.calibration, cfg.calib_batches)
+            state.norms = activation_norms(cooked, paths, batches, cfg.calib_batches)
         return PassResult(state.apply(cooked, state.sparsity_at(start), state.final))
 
     def ensures(self, cooked) -> None:

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fxcook.errors import PreconditionError, SelectorError
+from fxcook.errors import PassError, PreconditionError, SelectorError
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
+from fxcook.tracing import CallSite, call_sites
 
 __all__ = ["Tap", "TapPoint", "TapSpec", "collect_taps", "parse_spec", "resolve", "run_with_taps", "tap_points",
            "teacher_pairs"]
@@ -83,17 +84,10 @@ def resolve(pattern: str, paths: Sequence[str], what: str = "module") -> list[st
     return hits
 
 
-def _called(model: nn.Module) -> dict[str, list[tuple[nn.Module, torch.fx.Node]]]:
-    """Module path -> the (owner module, call_module node) pairs calling it, over every graph."""
-    out: dict[str, list] = {}
-    for path, mod in model.named_modules():
-        graph = getattr(mod, "graph", None)
-        if not isinstance(graph, torch.fx.Graph):
-            continue
-        for node in graph.nodes:
-            if node.op == "call_module" and not isinstance(mod.get_submodule(node.target), TapPoint):
-                out.setdefault(f"{path}.{node.target}" if path else node.target, []).append((mod, node))
-    return out
+def _called(model: nn.Module) -> dict[str, list[CallSite]]:
+    """Module path -> the CallSites calling it, over every graph; TapPoints themselves are left out."""
+    return {path: calls for path, calls in call_sites(model).items()
+            if not isinstance(model.get_submodule(path), TapPoint)}
 
 
 def _val(node) -> object:
@@ -213,7 +207,7 @@ class Tap(Pass):
         for spec, pair, rank in self._plan(cooked):
             if str(spec) in existing:
                 continue
-            for owner, call in called[spec.path]:
+            for _, owner, call in called[spec.path]:
                 graph = owner.graph
                 out = _output_leaf(call)
                 value = out if spec.where == "post" else _input_leaf(call, out)
@@ -237,7 +231,7 @@ class Tap(Pass):
         have = tap_points(cooked)
         missing = [str(s) for s, _, _ in self._plan(cooked) if str(s) not in have]
         if missing:
-            raise PreconditionError(f"tap: taps not inserted: {missing}")
+            raise PassError(f"tap: taps not inserted: {missing}")
 
 
 @contextlib.contextmanager

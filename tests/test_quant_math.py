@@ -156,3 +156,22 @@ def test_dynamic_tensor_op_and_ort_match_fake_quant_within_one_step(seed, m, k, 
     assert ((y - ref).abs() <= step + 1e-4).all()
     got = _ort_dynamic_quantize_matmul(x, qw.t().contiguous(), ws, b)
     assert ((got - ref).abs() <= step + 1e-4).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), bits)
+def test_quantize_op_saturates_symmetrically_like_fake_quant(seed, b):
+    x = tensor(seed, (4, 16), scale=300.0)  # far outside the range: both saturate at +-qmax
+    s = torch.tensor([1.0])
+    codes = torch.ops.fxcook.quantize(x, s, 0, b)
+    assert int(codes.min()) >= -qmax(b) and int(codes.max()) <= qmax(b)
+    assert torch.equal(torch.ops.fxcook.dequantize(codes, s, 0), fake_quant(x, s, b))
+
+
+def test_a_negative_learned_scale_still_counts_as_calibrated():
+    tq = TensorQuant(8, learnable=True)
+    assert not tq.calibrated
+    with torch.no_grad():
+        tq.scale.fill_(-0.05)  # LSQ can step the scale past zero; forward uses |scale|
+    x = tensor(0, (4, 16))
+    assert tq.calibrated and torch.equal(tq(x), fake_quant(x, torch.tensor(0.05), 8))

@@ -223,3 +223,13 @@ def test_sequential_wanda_calibrates_each_block_on_pruned_predecessors():
     from fxcook.masks import wanda
     for p in paths1:
         assert torch.equal(ms[p].weight_mask.bool(), wanda(ref.get_submodule(p).weight, norms[p]))
+
+
+def test_sequential_wanda_reads_a_generator_once():
+    """A generator is consumed once, yet every block is calibrated on all of its batches."""
+    calib = [tiny_inputs("bert", seed=s) for s in range(2)]
+    gen, lst = cooked("bert"), cooked("bert")
+    fxcook.apply(gen, [Sparsify(method="wanda", calibration=(b for b in calib), sequential=True)])
+    fxcook.apply(lst, [Sparsify(method="wanda", calibration=calib, sequential=True)])
+    mg, ml = masked(gen), masked(lst)
+    assert mg.keys() == ml.keys() and all(torch.equal(mg[p].weight_mask, ml[p].weight_mask) for p in mg)

@@ -147,6 +147,22 @@ def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("hidden_mse" in r for r in rows)
 
 
+def test_cli_train_with_no_held_out_lines_trains_on_all_lines(tmp_path, minilm):
+    from fxcook.cli import main
+    from fxcook.data import shakespeare_lines
+    from fxcook.models import tiny_model
+
+    _, tok = minilm
+    tiny_model("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "lines.txt"
+    data.write_text("\n".join(shakespeare_lines(n=8, seed=3)))
+    assert main(["train", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--batch-size", "4", "--max-length", "32", "--eval-lines", "0", "--steps", "1"]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["steps"] == 1 and res["before"] is None and res["final_loss"] is not None
+
+
 def test_fxcook_train_is_callable_and_lm_mode_learns():
     import fxcook
     from fxcook.distill import DistillLoss

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import onnx
 import torch
 from onnxscript import FLOAT, INT8, UINT8, opset20 as op
 
@@ -37,8 +38,8 @@ ORT_DYNAMIC_QUANTIZE_MATMUL = ort_op("DynamicQuantizeMatMul")
 
 
 def _range(bits: int) -> tuple[int, int]:
-    """Saturation bounds: ONNX's int8 range at 8 bits, the symmetric range below."""
-    return (-128, 127) if bits == 8 else (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    """Symmetric saturation bounds (+-127 at 8 bits), as `fxcook.quant.fake_quant` clamps."""
+    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
 
 
 def _bcast(scale: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -140,11 +141,17 @@ def _(q, scale, group):
 # --- ONNX translations -------------------------------------------------------------------------
 
 def quantize_onnx(x: FLOAT, scale: FLOAT, axis: int, bits: int) -> INT8:
-    q = op.QuantizeLinear(x, scale, op.Constant(value=_int8_scalar(0)), axis=axis)
+    lo, hi = _range(bits)
+    if bits == 8:
+        # QuantizeLinear saturates to [-128, 127]; raise x to -127 * scale first (a float Max keeps
+        # Q -> DQ adjacent, which ORT's GEMM fusion needs; an int8 Clip between them blocks it).
+        # Exported activation scales are per tensor, so the bound broadcasts.
+        x = op.Max(x, op.Mul(scale, op.Constant(value_float=float(lo))))
+    q = op.QuantizeLinear(x, scale, op.Constant(value=_scalar(0, onnx.TensorProto.INT8)), axis=axis)
     if bits == 8:
         return q
-    lo, hi = _range(bits)
-    return op.Clip(q, op.Constant(value=_int8_scalar(lo)), op.Constant(value=_int8_scalar(hi)))
+    return op.Clip(q, op.Constant(value=_scalar(lo, onnx.TensorProto.INT8)),
+                   op.Constant(value=_scalar(hi, onnx.TensorProto.INT8)))
 
 
 def dequantize_onnx(q: INT8, scale: FLOAT, axis: int) -> FLOAT:
@@ -157,14 +164,14 @@ def quantize_per_token_onnx(x: FLOAT, bits: int):
     axes = op.Constant(value_ints=[-1])
     amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
     s = op.Max(op.Mul(amax, op.Constant(value_float=1.0 / (2 ** (bits - 1) - 1))), op.Constant(value_float=_EPS))
-    zp = op.Constant(value=_uint8_scalar(TOKEN_ZERO_POINT))
+    zp = op.Constant(value=_scalar(TOKEN_ZERO_POINT, onnx.TensorProto.UINT8))
     codes = op.QuantizeLinear(op.Mul(x, op.Reciprocal(s)), op.Constant(value_float=1.0), zp)
     return codes, s
 
 
 def matmul_integer_to_float_onnx(codes: UINT8, row_scale: FLOAT, qweight: INT8, wscale: FLOAT,
                                  bias: Optional[FLOAT]) -> FLOAT:
-    zp = op.Constant(value=_uint8_scalar(TOKEN_ZERO_POINT))
+    zp = op.Constant(value=_scalar(TOKEN_ZERO_POINT, onnx.TensorProto.UINT8))
     y = ORT_MATMUL_INTEGER_TO_FLOAT(codes, op.Transpose(qweight, perm=[1, 0]), op.Constant(value_float=1.0),
                                     wscale, zp)
     y = op.Mul(y, row_scale)
@@ -181,14 +188,9 @@ def dequantize_groups_onnx(q: INT8, scale: FLOAT, group: int) -> FLOAT:
     return op.Reshape(op.Mul(grouped, op.Unsqueeze(scale, op.Constant(value_ints=[-1]))), n_k)
 
 
-def _int8_scalar(v: int):
-    import onnx
-    return onnx.helper.make_tensor("zp", onnx.TensorProto.INT8, [], [v])
-
-
-def _uint8_scalar(v: int):
-    import onnx
-    return onnx.helper.make_tensor("zp", onnx.TensorProto.UINT8, [], [v])
+def _scalar(v: int, dtype: int) -> onnx.TensorProto:
+    """A scalar integer constant (zero points and clip bounds) of ONNX type `dtype`."""
+    return onnx.helper.make_tensor("zp", dtype, [], [v])
 
 
 ONNX_TRANSLATIONS.update({
