@@ -19,13 +19,14 @@ from .nn import CookedLinear
 aten = torch.ops.aten
 ACT_OPS = {
     aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
-    aten.tanh.default: "gelu_tanh", aten.sigmoid.default: "sigmoid", aten.erf.default: "gelu",
+    aten.tanh.default: "tanh", aten.sigmoid.default: "sigmoid", aten.erf.default: "gelu",
     aten.relu_.default: "relu", aten.silu_.default: "silu", aten.gelu_.default: "gelu",
 }
 STOP_OPS = {
     aten.matmul.default, aten.bmm.default, aten.mm.default, aten._softmax.default, aten.softmax.int,
     aten.scaled_dot_product_attention.default, aten.embedding.default, aten.layer_norm.default,
 }
+GELU_TANH_COEF = 0.044715  # the cubic term of tanh-GELU: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
 ATTENTION_OPS = {aten.matmul.default, aten.bmm.default, aten.scaled_dot_product_attention.default}
 ACT_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ReLU6, nn.LeakyReLU)
 KINDS = ("linear", "expert_bmm", "norm", "activation", "attention_matmul", "ffn", "block")
@@ -69,6 +70,10 @@ class SiteIndex:
 def _module_path(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
+
+
+def _has_gelu_coef(node: torch.fx.Node) -> bool:
+    return any(isinstance(a, float) and abs(a - GELU_TANH_COEF) < 1e-6 for a in node.args)
 
 
 def _is_activation(mod: nn.Module) -> bool:
@@ -133,6 +138,8 @@ class _FlatGraph:
         plain = [n for n, a in reached.items() if not a]
         act = acts[-1]
         act_op = "gelu" if any(ACT_OPS[a.target] == "gelu" for a in acts) else ACT_OPS[act.target]
+        if act_op == "tanh" and any(_has_gelu_coef(n) for n in seen):  # tanh inside the tanh-GELU formula
+            act_op = "gelu_tanh"
         if len(reached) == 1 and gated:
             up, gate = gated[0], None
         elif len(gated) == 1 and len(plain) == 1:

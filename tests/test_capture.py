@@ -128,6 +128,14 @@ def test_plain_module_and_bad_inputs():
         fxcook.capture(lambda t: t, x)
 
 
+def test_ffn_act_op_tells_plain_tanh_from_tanh_gelu():
+    tanh_mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    (ffn,) = fxcook.capture(tanh_mlp, torch.randn(3, 8)).sites.find("ffn")
+    assert ffn.info["act_op"] == "tanh"
+    gpt2 = fxcook.capture(tiny_model("gpt2"), tiny_inputs("gpt2"))
+    assert {s.info["act_op"] for s in gpt2.sites.find("ffn")} == {"gelu_tanh"}
+
+
 def test_deepcopy_is_independent_and_mode_follows_original():
     model = tiny_model("bert")
     x = tiny_inputs("bert")
