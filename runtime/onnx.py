@@ -134,6 +134,7 @@ class _Flat(nn.Module):
     def __init__(self, model: nn.Module, n_args: int, keys: list[str]):
         super().__init__()
         self.model, self.n_args, self.keys = model, n_args, keys
+        self.training = model.training  # the wrapper adds no mode of its own
 
     def forward(self, *inputs):
         out = self.model(*inputs[:self.n_args], **dict(zip(self.keys, inputs[self.n_args:])))
