@@ -19,6 +19,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm.auto import tqdm
 
+from .nn import HookedWeight
+
 __all__ = [
     "ACTIVATIONS",
     "ExpertLinear",
@@ -113,7 +115,7 @@ def _check_labels(labels: torch.Tensor, experts: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class ExpertLinear(nn.Module):
+class ExpertLinear(HookedWeight, nn.Module):
     """One FFN projection in expert-major layout, keeping the source linear's hooks.
 
     `split="out"` (up/gate): weight [E, m, in] = rows of the [F, in] weight in expert order.
@@ -168,14 +170,6 @@ class ExpertLinear(nn.Module):
         if self.split == "out":
             return w.reshape(-1, w.shape[-1])
         return w.permute(1, 0, 2).reshape(w.shape[1], -1)
-
-    @property
-    def bits(self) -> int:
-        return int(getattr(self.weight_quant, "bits", 32)) if self.weight_quant is not None else 32
-
-    @property
-    def density(self) -> float:
-        return 1.0 if self.weight_mask is None else float(self.weight_mask.float().mean())
 
 
 # --------------------------------------------------------------------------------------------

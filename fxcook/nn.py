@@ -12,7 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class CookedLinear(nn.Module):
+class HookedWeight:
+    """Size metadata of a module carrying the `weight_mask` / `weight_quant` hooks."""
+
+    weight_mask: torch.Tensor | None
+    weight_quant: nn.Module | None
+
+    @property
+    def bits(self) -> int:
+        return int(getattr(self.weight_quant, "bits", 32)) if self.weight_quant is not None else 32
+
+    @property
+    def density(self) -> float:
+        return 1.0 if self.weight_mask is None else float(self.weight_mask.float().mean())
+
+
+class CookedLinear(HookedWeight, nn.Module):
     """`y = linear(input_quant(x), weight_quant(weight * weight_mask), bias)`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -51,14 +66,6 @@ class CookedLinear(nn.Module):
         if self.input_quant is not None:
             x = self.input_quant(x)
         return F.linear(x, self.effective_weight(), self.bias)
-
-    @property
-    def bits(self) -> int:
-        return int(getattr(self.weight_quant, "bits", 32)) if self.weight_quant is not None else 32
-
-    @property
-    def density(self) -> float:
-        return 1.0 if self.weight_mask is None else float(self.weight_mask.float().mean())
 
     def stored_params(self) -> int:
         return self.weight.numel()
