@@ -48,7 +48,7 @@ def killed_and_resumed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     script = tmp / "run.py"
     script.write_text(SCRIPT)
-    steps = 12
+    steps = 20  # the kill lands right after the first checkpoint (step 2), far from the end
     ref = _run(script, tmp / "ref", steps)
     victim = _run(script, tmp / "victim", steps)
     latest = tmp / "victim" / "checkpoints" / "latest"
