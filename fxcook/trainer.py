@@ -415,7 +415,7 @@ def main(args: argparse.Namespace) -> int:
     """`fxcook train`: compress --model with --recipe, then distill it from the original on --data."""
     from .models import example_batch, load_model
     from .pipeline import compile as fx_compile
-    from .textdata import load_lines
+    from .data import lines_from
 
     recipe, recipe_train = None, {}
     if args.recipe:
@@ -426,7 +426,7 @@ def main(args: argparse.Namespace) -> int:
     settings, loss_cfg = _train_settings(args, recipe_train)
     rank, world, _ = init_distributed()
     teacher, tokenizer = load_model(args.model)
-    lines = load_lines(args.data, n=None, seed=settings["seed"])
+    lines = lines_from(args.data, seed=settings["seed"])
     held_out = []
     if args.eval_lines > 0:  # lines[:-0] would be empty: split only when lines are held out
         held_out, lines = lines[-args.eval_lines:], lines[:-args.eval_lines]  # calibration uses the first lines
