@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,19 @@ from .nn import CookedLinear
 __all__ = ["save_quantized", "load_quantized", "save_compressed"]
 
 CODE_NAMES = ("qweight", "weight_quant")  # fxcook's, BMCook's
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Write `path` through `write(temporary name)`, then rename it into place: a reader never sees
+    half a file and an interrupted write leaves the old one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _quantized(model) -> dict[str, CookedLinear]:
@@ -44,16 +58,8 @@ def save_quantized(model, path: str | os.PathLike) -> Path:
             tensors[f"{owner}.qweight"], tensors[f"{owner}.weight_scale"] = codes.contiguous(), scale.contiguous()
         else:
             tensors[key] = t.detach().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"fxcook": "quantized", "quantized": ",".join(quant)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"fxcook": "quantized",
+                                                                         "quantized": ",".join(quant)}))
 
 
 @torch.no_grad()
@@ -95,6 +101,7 @@ def save_compressed(cooked, out: str | os.PathLike, recipe: Path | None = None) 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; it becomes the output directory
     try:
         save_quantized(cooked, tmp / "model.safetensors")
         (tmp / "report.txt").write_text(cooked.report(per_layer=True) + "\n")

@@ -239,15 +239,9 @@ def _name_dynamic_axes(model: onnx.ModelProto) -> None:
 
 
 def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from fxcook.checkpoint import write_atomic
+
+    write_atomic(path, lambda tmp: onnx.save_model(model, tmp))
 
 
 def session(path: str | os.PathLike, threads: int = 2, optimized_path: str | os.PathLike | None = None):
