@@ -1,5 +1,6 @@
 """Recipes: validation errors name the key; BMCook configs import or refuse clearly."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,10 @@ def test_bmcook_maps_or_says_not_supported(tmp_path):
     else:
         names = [next(iter(p)) for p in load_recipe(path).passes]
         assert names == ["sparsify", "quantize"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/recipes/*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.passes and all(type(p).name in REGISTRY for p in recipe.build())
