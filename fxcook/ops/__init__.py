@@ -6,6 +6,7 @@ an onnxscript translation per op to `ONNX_TRANSLATIONS`, which the ONNX exporter
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 
@@ -17,18 +18,27 @@ from ..errors import NotSupportedYet
 ONNX_TRANSLATIONS: dict = {}
 
 
+@functools.lru_cache(maxsize=1)
+def _ort_contrib_schemas() -> dict:
+    """ONNX Runtime's com.microsoft schemas by name, newest version (one scan of its registry)."""
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    out: dict = {}
+    for s in ort_c.get_all_operator_schema():
+        if s.domain == "com.microsoft" and (s.name not in out or s.since_version > out[s.name].since_version):
+            out[s.name] = s
+    return out
+
+
 def ort_schema(name: str) -> onnx.defs.OpSchema:
     """The installed onnxruntime's own schema of a com.microsoft op, as an onnx OpSchema.
 
     The onnx package carries no schemas for ORT contrib ops; copying ORT's keeps the emitted node
     exactly what the installed runtime accepts.
     """
-    from onnxruntime.capi import _pybind_state as ort_c
-
-    found = [s for s in ort_c.get_all_operator_schema() if s.name == name and s.domain == "com.microsoft"]
-    if not found:
+    src = _ort_contrib_schemas().get(name)
+    if src is None:
         raise NotSupportedYet(f"the installed onnxruntime has no com.microsoft.{name} op")
-    src = max(found, key=lambda s: s.since_version)
     P = onnx.defs.OpSchema.FormalParameter
     opt = {o.name: getattr(onnx.defs.OpSchema.FormalParameterOption, o.name) for o in type(src.inputs[0].option).__members__.values()}
     params = lambda ps: [P(p.name, p.typeStr, param_option=opt[p.option.name]) for p in ps]
