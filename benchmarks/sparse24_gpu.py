@@ -67,27 +67,23 @@ def time_graph(fns: list, reps: int = 20, warmup: int = 3) -> tuple[float, str]:
 
         how = "eager"
     run()
+    return _median_ms(run, reps) / len(fns), how
+
+
+def time_eager(fn, reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    return _median_ms(fn, reps)
+
+
+def _median_ms(run, reps: int) -> float:
+    """Median CUDA-event time of `run()` over `reps` calls (the caller has warmed it up)."""
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(fns))
-    return statistics.median(times), how
-
-
-def time_eager(fn, reps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
