@@ -12,7 +12,7 @@ from fxcook.models import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
 from fxcook.passes.quantize import _input_of
-from fxcook.quant import DynamicTensorQuant
+from fxcook.quant import DynamicTensorQuant, TokenQuant
 from fxcook.runtime import onnx as fxonnx
 
 
@@ -26,8 +26,8 @@ def n_act_quantized(cooked):
 
 
 # "mixed": per-tensor dynamic (DynamicQuantizeMatMul) with SmoothQuant, per-token on the 2 most
-# sensitive linears (MatMulIntegerToFloat): both dynamic lowerings and SmoothQuant divisors at once
-MIXED = {"acts": "int8/tensor/dynamic", "smoothquant": 0.5, "sensitive_layers": 2}
+# sensitive inputs (MatMulIntegerToFloat): both dynamic lowerings and SmoothQuant divisors at once
+MIXED = {"acts": "int8/tensor/dynamic", "smoothquant": 0.5, "sensitive_inputs": 2}
 
 
 @pytest.mark.parametrize("cfg", [{}, MIXED, {"acts": "int8/tensor"}], ids=["token", "mixed", "static"])
@@ -49,7 +49,9 @@ def test_ort_fuses_every_gemm_and_matches_fake_quant(tmp_path_factory, cfg, seed
         assert fxonnx.integer_gemms(path) == n_act_quantized(cooked), ops
         assert ops["MatMulInteger"] == 0 and ops["DequantizeLinear"] == 0, ops
         dynamic = sum(1 for m in cooked.modules() if isinstance(m, DynamicTensorQuant))
-        expected = n_act_quantized(cooked) - cfg["sensitive_layers"] if cfg.get("acts") else 0
+        token = sum(1 for m in cooked.modules() if isinstance(m, TokenQuant))
+        expected = n_act_quantized(cooked) - token if cfg.get("acts") else 0
+        assert ops["MatMulIntegerToFloat"] == token, ops
         assert ops["DynamicQuantizeMatMul"] == dynamic == expected, ops
     m = onnx.load(str(path))
     assert m.ir_version <= fxonnx.MAX_IR_VERSION

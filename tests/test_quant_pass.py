@@ -54,6 +54,8 @@ def test_smoothquant_is_exact_in_float_and_shares_factors():
     att = "encoder.layer.0.attention.self."
     q, k = cooked.get_submodule(att + "query"), cooked.get_submodule(att + "key")
     torch.testing.assert_close(q.input_quant.smooth, k.input_quant.smooth)
+    down = {s.info["down"] for s in cooked.sites.find("ffn")}
+    assert down and all(cooked.get_submodule(p).input_quant.smooth is None for p in down)  # off by default
     for m in linears(cooked).values():  # rounding off: the smoothing alone must be exact
         if m.weight_quant is not None:
             m.weight_quant, m.input_quant = None, Divide(m.input_quant.smooth)
@@ -66,7 +68,42 @@ class Divide(torch.nn.Module):
         self.by = by
 
     def forward(self, x):
-        return x / self.by
+        return x if self.by is None else x / self.by
+
+
+def test_smooth_down_proj_smooths_ffn_down_projections():
+    model, x = bert(2)
+    calib = [tiny_inputs("bert", batch=2, seq=8, seed=s) for s in range(2)]
+    cooked = fxcook.compile(model, [Quantize(calibration=calib, smoothquant=0.5, smooth_down_proj=True)],
+                            example_inputs=x)
+    assert all(m.input_quant.smooth is not None for m in linears(cooked).values() if m.input_quant is not None)
+
+
+def _masked_error(cooked, ref_model, batches):
+    err = 0.0
+    for b in batches:
+        diff = cooked(**b).last_hidden_state - ref_model(**b).last_hidden_state
+        err += float((diff.square() * b["attention_mask"][..., None]).sum())
+    return err
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_sensitive_inputs_switch_whole_input_groups_and_lower_the_error(seed):
+    model, x = bert(seed)
+    calib = [tiny_inputs("bert", batch=2, seq=8, seed=seed + s, pad=3) for s in range(2)]
+    base = fxcook.compile(model, [Quantize(calibration=calib, acts="int8/tensor/dynamic", smoothquant=0.5)],
+                          example_inputs=x)
+    mixed = fxcook.compile(model, [Quantize(calibration=calib, acts="int8/tensor/dynamic", smoothquant=0.5,
+                                            sensitive_inputs=1)], example_inputs=x)
+    token = {p for p, m in linears(mixed).items() if isinstance(m.input_quant, TokenQuant)}
+    assert token, "one input group switches to per-token"
+    att = [f"encoder.layer.{i}.attention.self." for i in range(2)]
+    for prefix in att:  # q, k and v read one tensor: all or none of them switch
+        assert len({prefix + n in token for n in ("query", "key", "value")}) == 1
+    assert len(token) in (1, 3)
+    with torch.no_grad():
+        assert _masked_error(mixed, model, calib) < _masked_error(base, model, calib)
 
 
 def test_static_activations_calibrate():
