@@ -7,8 +7,13 @@ optional learnable LSQ scales) and `fxcook.runtime.onnx.export` lowers the same 
 ONNX. Masks from `Sparsify` are applied before quantization, so pruned weights stay exactly 0.
 
 By default only linears inside transformer blocks are quantized: embeddings, poolers and output
-heads are left in float (`select.scope: all` or include patterns change that). HF MoE expert
-matmuls (3-D expert weights) are not quantized by this pass yet.
+heads are left in float (`select.scope: all` or include patterns change that).
+
+HF MoE expert matmuls (`expert_bmm` sites: 3-D expert weights read by a grouped GEMM) are quantized
+too unless `experts: false`: `fxcook.quant_experts` inserts quantizer nodes into the experts module's
+graph (weights per expert and output channel, the GEMM's token operand with `acts`), selected by
+their parameter path with the same include/exclude patterns and scope. SmoothQuant and
+`sensitive_inputs` apply to linears only.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.quant import (OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights,
                           smooth_factors)
+from fxcook.quant_experts import quantize_experts, select_experts
 from fxcook.select import Select
 from fxcook.tracing import call_batch
 
@@ -48,6 +54,7 @@ class QuantizeConfig(PassConfig):
     # calibration data use `sensitive_acts` instead of `acts`
     sensitive_inputs: int = Field(0, ge=0)
     sensitive_acts: str = "int8/token"
+    experts: bool = True                   # also quantize HF MoE expert matmuls (expert_bmm sites) in the selection
     select: Select = Select()
 
     @model_validator(mode="before")
@@ -163,6 +170,10 @@ class Quantize(Pass):
             acts = cfg.sensitive_acts + " (sensitive)" if path in sensitive else (cfg.acts or "float")
             changes.append(Change(path, f"weights {cfg.weights}, acts {acts}"
                                         + (f", smoothquant a={cfg.smoothquant}" if path in factors else "")))
+        if cfg.experts:
+            for path in quantize_experts(cooked, select_experts(cooked, cfg.select), w, a, cfg.observer,
+                                         cfg.percentile, cfg.learnable_scales):
+                changes.append(Change(path, f"expert weights {cfg.weights}, acts {cfg.acts or 'float'}"))
         if self._static():
             calibrate(cooked, batches, desc="quantize calibration")
         return PassResult(changes)
