@@ -12,6 +12,9 @@ ops (`fxcook.ops.quant`) and put back afterwards (`lowered`); the translations e
   DequantizeLinear on the int8 weight stored `[in, out]` (per output channel, axis 1), MatMul;
   ORT fuses each into an integer GEMM.
 - weight-only: DequantizeLinear (axis 0, or per group) on the int8 weight, float MatMul.
+- quantized HF MoE expert weights (`fxcook.quant_experts`): int8 `[E*out, in]` initializers with
+  DequantizeLinear (axis 0), the GEMM's token operand through Q/DQ, and transformers' grouped expert
+  GEMM as a float MatMul over all experts with a per-row select (exact, not fast).
 
 Batch and sequence axes stay dynamic; the IR version is capped at what ONNX Runtime accepts.
 """
@@ -97,10 +100,13 @@ class QuantLinearExport(nn.Module):
 
 @contextlib.contextmanager
 def lowered(cooked: nn.Module):
-    """`cooked` with its quantized CookedLinears swapped for QuantLinearExport modules, in eval
-    mode, for the duration of the block; everything is put back afterwards (no copy of the weights)."""
-    import fxcook.ops.quant  # noqa: F401  (registers the fxcook:: ops)
+    """`cooked` with its quantized CookedLinears swapped for QuantLinearExport modules (and its expert
+    quantizers for their export forms), in eval mode, for the duration of the block; everything is
+    put back afterwards (no copy of the weights)."""
+    import fxcook.ops.quant  # registers the fxcook:: ops
+    from fxcook.quant_experts import lowered_experts
 
+    fxcook.ops.quant.add_grouped_mm_translation()
     swapped = []
     modes = [(m, m.training) for m in cooked.modules()]
     try:
@@ -111,7 +117,8 @@ def lowered(cooked: nn.Module):
                 setattr(owner, name, QuantLinearExport(mod))
                 swapped.append((owner, name, mod))
         cooked.eval()
-        yield cooked
+        with lowered_experts(cooked):
+            yield cooked
     finally:
         for owner, name, mod in swapped:
             setattr(owner, name, mod)

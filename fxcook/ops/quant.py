@@ -17,6 +17,9 @@ exactly which tensors are integer and with which scales, and each op maps 1:1 to
   scales, emitted as ONNX Runtime's `com.microsoft.DynamicQuantizeMatMul`: one kernel that finds
   the range, quantizes, runs the integer GEMM and rescales with the bias added.
 - `dequantize_groups(q, scale, group)`: group-wise weight dequantization for low-bit weight-only.
+
+`add_grouped_mm_translation()` also registers a translation of transformers' grouped expert GEMM
+(`transformers::grouped_mm_fallback`), which captured HF MoE models (quantized experts or not) call.
 """
 from __future__ import annotations
 
@@ -24,12 +27,12 @@ from typing import Optional
 
 import onnx
 import torch
-from onnxscript import FLOAT, INT8, UINT8, opset20 as op
+from onnxscript import FLOAT, INT8, INT32, INT64, UINT8, opset20 as op
 
 from . import ONNX_TRANSLATIONS, ort_op
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dynamic_quantize_matmul",
-           "dequantize_groups", "TOKEN_ZERO_POINT"]
+           "dequantize_groups", "add_grouped_mm_translation", "TOKEN_ZERO_POINT"]
 
 TOKEN_ZERO_POINT = 128  # per-token codes are stored as uint8 = int8 + 128
 _EPS = 1e-8
@@ -186,6 +189,30 @@ def dequantize_groups_onnx(q: INT8, scale: FLOAT, group: int) -> FLOAT:
     n_k = op.Shape(q)
     grouped = op.Reshape(op.Cast(q, to=FLOAT.dtype), op.Concat(op.Shape(scale), op.Constant(value_ints=[group]), axis=0))
     return op.Reshape(op.Mul(grouped, op.Unsqueeze(scale, op.Constant(value_ints=[-1]))), n_k)
+
+
+def grouped_mm_onnx(x: FLOAT, w: FLOAT, offs: INT32) -> FLOAT:
+    # x [S, K] sorted by expert, w [E, K, N], offs [E] cumulative row counts. Every expert's GEMM over
+    # all rows, then each row keeps its own expert's: exact, at E times the routed FLOPs (a correctness
+    # lowering; ORT has no grouped GEMM). Row s belongs to expert #{e : offs[e] <= s}.
+    y = op.MatMul(op.Unsqueeze(x, op.Constant(value_ints=[0])), w)  # [E, S, N]
+    s = op.Squeeze(op.Shape(x, start=0, end=1), op.Constant(value_ints=[0]))
+    rows = op.Range(op.Constant(value_int=0), s, op.Constant(value_int=1))
+    past = op.GreaterOrEqual(op.Unsqueeze(rows, op.Constant(value_ints=[1])),
+                             op.Unsqueeze(op.Cast(offs, to=INT64.dtype), op.Constant(value_ints=[0])))
+    last = op.Sub(op.Shape(w, start=0, end=1), op.Constant(value_ints=[1]))
+    expert = op.Min(op.ReduceSum(op.Cast(past, to=INT64.dtype), op.Constant(value_ints=[1]), keepdims=0), last)
+    index = op.Expand(op.Reshape(expert, op.Constant(value_ints=[1, -1, 1])),
+                      op.Concat(op.Constant(value_ints=[1]), op.Shape(y, start=1), axis=0))
+    return op.Squeeze(op.GatherElements(y, index, axis=0), op.Constant(value_ints=[0]))
+
+
+def add_grouped_mm_translation() -> None:
+    """Register `grouped_mm_onnx` for transformers' grouped GEMM once transformers has defined the op
+    (importing its MoE integration here would add a second to every import of fxcook's ops)."""
+    ns = getattr(torch.ops, "transformers", None)
+    if ns is not None and hasattr(ns, "grouped_mm_fallback"):
+        ONNX_TRANSLATIONS[ns.grouped_mm_fallback.default] = grouped_mm_onnx
 
 
 def _scalar(v: int, dtype: int) -> onnx.TensorProto:
