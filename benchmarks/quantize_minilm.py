@@ -1,18 +1,22 @@
 """int8 MiniLM on CPU, side by side in one process: torch fp32 eager, ONNX Runtime fp32, ORT's own
-`quantize_dynamic` (per-channel and per-tensor weights), and fxcook's int8 ONNX models: per-token
-activations (MatMulIntegerToFloat), per-tensor dynamic activations (DynamicQuantizeMatMul), and the
-mixed scheme (per-token only on the layers measured most sensitive, per-tensor dynamic elsewhere).
+`quantize_dynamic` (per-channel and per-tensor weights) of the model as `torch.onnx.export` writes it
+(the reference: ORT per-channel = 1.00), the same tool applied to fxcook's fp32 export (whose attention
+translation drops a NaN guard, fxcook.ops.attention), and fxcook's int8 ONNX models: per-token
+activations (MatMulIntegerToFloat), per-tensor dynamic activations (DynamicQuantizeMatMul) with
+SmoothQuant off and on the FFN down-projections, and the model `fxcook compress --recipe
+examples/recipes/int8.yaml` builds (per-token only on the inputs measured most sensitive).
 With --qat-steps, also the per-tensor dynamic model after a short quantization-aware distillation from
 fp32 (fxcook.trainer.train, DistillLoss hidden_mse + hidden_cos) on Shakespeare lines disjoint from both
 the calibration and the held-out lines, one variant per (steps, lr) pair.
 
 Latency: batch 8 x sequence 128 (padded), 2 threads, rounds interleaved across the variants so
-machine load hits all of them alike; the median per variant is reported with its ratio to torch.
+machine load hits all of them alike; the median per variant is reported with its ratio to torch, and
+the time relative to ORT per-channel as the median (and quartiles) of the per-round ratios.
 Fidelity: min/mean cosine of mean-pooled sentence embeddings vs fp32 torch over held-out
 Shakespeare lines (calibration uses other lines).
 
     python benchmarks/quantize_minilm.py [--rounds 20] [--samples 256] [--smoothquant 0.5]
-        [--dynamic-smoothquant 0.8] [--sensitive-layers 12] [--out benchmarks/results/quantize_minilm.md]
+        [--dynamic-smoothquant 0.8] [--recipe examples/recipes/int8.yaml] [--out benchmarks/results/quantize_minilm.md]
         [--qat-steps 50 100] [--qat-lr 1e-5 3e-5]
 """
 from __future__ import annotations
@@ -30,11 +34,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import fxcook  # noqa: E402
+from fxcook.cli import calibration_for  # noqa: E402
 from fxcook.data import shakespeare_lines, token_batches  # noqa: E402
 from fxcook.evaluate import embed, fidelity  # noqa: E402
 from fxcook.models import load_model  # noqa: E402
 from fxcook.passes import Quantize  # noqa: E402
+from fxcook.recipe import load_recipe  # noqa: E402
 from fxcook.runtime import onnx as fxonnx  # noqa: E402
+
+
+def standard_export(model, batch: dict, path: Path) -> None:
+    """The ONNX Runtime user's path: `torch.onnx.export` of the HF model itself (stock translations),
+    batch and sequence dynamic; the peers quantize this file."""
+    from torch.export import Dim
+
+    torch.onnx.export(model, (), str(path), kwargs=dict(batch), dynamo=True, opset_version=20,
+                      dynamic_shapes={k: {0: Dim.AUTO, 1: Dim.AUTO} for k in batch}, optimize=True)
+
+
+def _onnx_bytes(path: Path) -> int:
+    """The model's bytes on disk, external weight data (`<name>.data`) included."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
 
 
 def main(argv=None) -> int:
@@ -44,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoothquant", type=float, default=0.5, help="SmoothQuant alpha for per-token acts")
     ap.add_argument("--dynamic-smoothquant", type=float, default=0.8, help="SmoothQuant alpha for per-tensor dynamic acts")
-    ap.add_argument("--sensitive-layers", type=int, default=12, help="per-token layers in the mixed scheme")
+    ap.add_argument("--recipe", default="examples/recipes/int8.yaml", help="the recipe `fxcook compress` applies")
     ap.add_argument("--qat-steps", type=int, nargs="*", default=[],
                     help="QAT-distill the a/tensor/dynamic model for these step counts (one variant each)")
     ap.add_argument("--qat-lr", type=float, nargs="+", default=[3e-5], help="peak learning rates for --qat-steps")
@@ -63,26 +83,31 @@ def main(argv=None) -> int:
     timing = dict(tok(lines[64:72], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     tmp = Path(tempfile.mkdtemp(prefix="fxcook-bench-"))
 
-    fp32 = fxcook.compile(model, [], example_inputs=calib[0])
-    fxonnx.export(fp32, tmp / "fp32.onnx", example_inputs=calib[0])
-    quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pc.onnx"), per_channel=True, weight_type=QuantType.QInt8)
-    quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pt.onnx"), per_channel=False, weight_type=QuantType.QInt8)
+    standard_export(model, calib[0], tmp / "fp32.onnx")
+    fxonnx.export(fxcook.compile(model, [], example_inputs=calib[0]), tmp / "fx_fp32.onnx", example_inputs=calib[0])
+    for src, dst, per_channel in [("fp32", "ort_pc", True), ("fp32", "ort_pt", False), ("fx_fp32", "fx_ort_pc", True)]:
+        quantize_dynamic(str(tmp / f"{src}.onnx"), str(tmp / f"{dst}.onnx"), per_channel=per_channel,
+                         weight_type=QuantType.QInt8)
+    dyn = dict(acts="int8/tensor/dynamic", smoothquant=args.dynamic_smoothquant)
     recipes = {"fxcook int8 (w/channel, a/token)": dict(),
                f"fxcook int8 a/token + SmoothQuant {args.smoothquant}": dict(smoothquant=args.smoothquant),
-               f"fxcook int8 a/tensor/dynamic + SmoothQuant {args.dynamic_smoothquant}":
-                   dict(acts="int8/tensor/dynamic", smoothquant=args.dynamic_smoothquant),
-               f"fxcook int8 mixed ({args.sensitive_layers} sensitive a/token) + SmoothQuant {args.dynamic_smoothquant}":
-                   dict(acts="int8/tensor/dynamic", smoothquant=args.dynamic_smoothquant,
-                        sensitive_layers=args.sensitive_layers)}
+               f"fxcook int8 a/tensor/dynamic + SmoothQuant {args.dynamic_smoothquant} (down-projections too)":
+                   dict(dyn, smooth_down_proj=True),
+               f"fxcook int8 a/tensor/dynamic + SmoothQuant {args.dynamic_smoothquant}": dyn}
+    recipe = load_recipe(args.recipe)
+    recipe_name = f"fxcook compress {args.recipe}"
+    recipes[recipe_name] = recipe
     qat = {}
     for steps in args.qat_steps:
         for lr in args.qat_lr:
             name = (f"fxcook int8 a/tensor/dynamic + SmoothQuant {args.dynamic_smoothquant} "
                     f"+ QAT distill {steps} steps lr {lr:g}")
-            recipes[name] = dict(acts="int8/tensor/dynamic", smoothquant=args.dynamic_smoothquant)
+            recipes[name] = dict(dyn, smooth_down_proj=True)  # as examples/recipes/int8_qat.yaml
             qat[name] = dict(steps=steps, lr=lr)
     for i, (name, kw) in enumerate(recipes.items()):
-        cooked = fxcook.compile(model, [Quantize(calibration=calib, **kw)], example_inputs=calib[0])
+        passes = (kw.build(calibration=calibration_for(kw, tok)) if name == recipe_name else
+                  [Quantize(calibration=calib, **kw)])
+        cooked = fxcook.compile(model, passes, example_inputs=calib[0])
         if name in qat:
             from fxcook.distill import DistillLoss
             from fxcook.trainer import train
@@ -96,6 +121,8 @@ def main(argv=None) -> int:
 
     files = {"ORT fp32": tmp / "fp32.onnx", "ORT quantize_dynamic per-channel": tmp / "ort_pc.onnx",
              "ORT quantize_dynamic per-tensor": tmp / "ort_pt.onnx",
+             "ORT fp32, fxcook's export": tmp / "fx_fp32.onnx",
+             "ORT quantize_dynamic per-channel of fxcook's fp32 export": tmp / "fx_ort_pc.onnx",
              **{name: tmp / f"fx{i}.onnx" for i, name in enumerate(recipes)}}
     runners = {"torch fp32 eager": model, **{k: fxonnx.OrtModel(p, args.threads) for k, p in files.items()}}
     ref = embed(model, tok, held)
@@ -118,7 +145,7 @@ def main(argv=None) -> int:
                 if r:  # round 0 warms up
                     times[name].append((time.perf_counter() - t0) * 1e3)
     base = statistics.median(times["torch fp32 eager"])
-    ref_pc = statistics.median(times["ORT quantize_dynamic per-channel"])
+    ref_pc = times["ORT quantize_dynamic per-channel"]
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out = [f"# int8 MiniLM on CPU (batch 8 x seq 128, {args.threads} threads)", "",
            f"Command: `{cmd}`", "",
@@ -126,14 +153,16 @@ def main(argv=None) -> int:
            f"{args.rounds} interleaved rounds (median), fidelity over {len(held)} held-out Shakespeare lines."
            + (f" QAT: batch {args.qat_batch_size}, cosine schedule, DistillLoss(hidden_mse=1, hidden_cos=1), "
               f"{len(train_lines)} training lines disjoint from calibration and held-out." if qat else ""), "",
-           "| variant | median ms | speedup vs torch | time vs ORT per-channel | min cos | mean cos | integer GEMMs | file MB |",
+           "| variant | median ms | speedup vs torch | time vs ORT per-channel (quartiles) | min cos | mean cos "
+           "| integer GEMMs | file MB |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in runners:
         med = statistics.median(times[name])
-        size = f"{files[name].stat().st_size / 1e6:.1f}" if name in files else "-"
+        size = f"{_onnx_bytes(files[name]) / 1e6:.1f}" if name in files else "-"
         gemms = rows[name].get("gemms", "-")
-        out.append(f"| {name} | {med:.1f} | {base / med:.2f}x | {med / ref_pc:.2f} | {rows[name]['min_cos']:.4f} | "
-                   f"{rows[name]['mean_cos']:.4f} | {gemms} | {size} |")
+        q1, ratio, q3 = statistics.quantiles([t / r for t, r in zip(times[name], ref_pc)], n=4)
+        out.append(f"| {name} | {med:.1f} | {base / med:.2f}x | {ratio:.3f} ({q1:.2f}-{q3:.2f}) | "
+                   f"{rows[name]['min_cos']:.4f} | {rows[name]['mean_cos']:.4f} | {gemms} | {size} |")
     text = "\n".join(out) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

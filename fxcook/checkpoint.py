@@ -1,6 +1,6 @@
 """Quantized checkpoints: safetensors with int8 weight codes plus per-channel scales.
 
-Each quantized CookedLinear is stored as `<path>.qweight` (int8, `[out, in]`) and
+Each quantized CookedLinear (and CookedEmbedding table) is stored as `<path>.qweight` (int8, `[out, in]`) and
 `<path>.weight_scale` (float32, `[out]` or `[out, in/group]`); BMCook's `<path>.weight_quant`
 name for the codes is accepted on load. A quantized HF MoE expert weight (`fxcook.quant_experts`) is
 stored the same way under its parameter's path: `<param>.qweight` (int8 `[E, out, in]`, contracted
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import FxcookError
-from .nn import CookedLinear
+from .nn import CookedEmbedding, CookedLinear
 from .quant_experts import expert_weight_quants
 
 __all__ = ["save_quantized", "load_quantized", "save_compressed"]
@@ -43,8 +43,9 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _quantized(model) -> dict[str, CookedLinear]:
-    return {p: m for p, m in model.named_modules() if isinstance(m, CookedLinear) and m.weight_quant is not None}
+def _quantized(model) -> dict[str, CookedLinear | CookedEmbedding]:
+    return {p: m for p, m in model.named_modules()
+            if isinstance(m, (CookedLinear, CookedEmbedding)) and m.weight_quant is not None}
 
 
 @torch.no_grad()

@@ -83,3 +83,27 @@ class CookedLinear(HookedWeight, nn.Module):
         if self.input_quant is not None:
             tags.append(f"act={type(self.input_quant).__name__}")
         return ", ".join(tags)
+
+
+class CookedEmbedding(HookedWeight, nn.Module):
+    """`embedding(ids, weight_quant(weight))`: an embedding table a pass can quantize (weight-only).
+
+    Made from a captured embedding submodule on demand (`fxcook.quant_embed.cook_embeddings`); it keeps
+    the original Parameter, so a table tied to an output head stays tied.
+    """
+
+    weight_mask = None
+
+    def __init__(self, weight: nn.Parameter, padding_idx: int = -1):
+        super().__init__()
+        self.weight = weight
+        self.padding_idx = padding_idx
+        self.weight_quant: nn.Module | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        return torch.ops.aten.embedding(w, ids, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"num={self.weight.shape[0]}, dim={self.weight.shape[1]}" + (
+            f", w{self.bits}" if self.weight_quant is not None else "")

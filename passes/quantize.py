@@ -7,7 +7,9 @@ optional learnable LSQ scales) and `fxcook.runtime.onnx.export` lowers the same 
 ONNX. Masks from `Sparsify` are applied before quantization, so pruned weights stay exactly 0.
 
 By default only linears inside transformer blocks are quantized: embeddings, poolers and output
-heads are left in float (`select.scope: all` or include patterns change that).
+heads are left in float (`select.scope: all` or include patterns change that). `embeddings: true`
+also stores every embedding table as int8 per row (weight-only, `fxcook.quant_embed`; a table tied to
+an output head stays tied).
 
 HF MoE expert matmuls (`expert_bmm` sites: 3-D expert weights read by a grouped GEMM) are quantized
 too unless `experts: false`: `fxcook.quant_experts` inserts quantizer nodes into the experts module's
@@ -30,6 +32,7 @@ from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.quant import (OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights,
                           smooth_factors)
+from fxcook.quant_embed import cook_embeddings
 from fxcook.quant_experts import quantize_experts, select_experts
 from fxcook.select import Select
 from fxcook.tracing import call_batch
@@ -46,7 +49,7 @@ class QuantizeConfig(PassConfig):
     smoothquant: float | None = Field(None, ge=0.0, le=1.0)  # SmoothQuant migration strength alpha
     # FFN down-projections read the activation's output: no op before them can absorb the divisor, so
     # smoothing them costs a full multiply over the widest activation at run time (and on MiniLM it
-    # lowered fidelity: min cos 0.9884 with, 0.9894 without); off unless asked for
+    # lowered fidelity: ORT min cos 0.9885 with, 0.9889 without); off unless asked for
     smooth_down_proj: bool = False
     calib_batches: int = Field(32, gt=0)
     # mixed scheme: the `sensitive_inputs` linear inputs (q/k/v's shared input counts once) whose
@@ -55,6 +58,7 @@ class QuantizeConfig(PassConfig):
     sensitive_inputs: int = Field(0, ge=0)
     sensitive_acts: str = "int8/token"
     experts: bool = True                   # also quantize HF MoE expert matmuls (expert_bmm sites) in the selection
+    embeddings: bool = False               # also quantize embedding tables, int<b> per row (weight-only)
     select: Select = Select()
 
     @model_validator(mode="before")
@@ -97,6 +101,8 @@ class QuantizeConfig(PassConfig):
             raise ValueError("smoothquant: needs quantized activations (acts is null)")
         if self.sensitive_inputs and self.acts is None:
             raise ValueError("sensitive_inputs: needs quantized activations (acts is null)")
+        if self.embeddings and parse_weights(self.weights).group_size is not None:
+            raise ValueError(f"embeddings: tables are quantized per row; weights {self.weights!r} is group-wise")
         if self.sensitive_inputs and not parse_acts(self.sensitive_acts).dynamic:
             raise ValueError(f"sensitive_acts: {self.sensitive_acts!r} must be dynamic (int<b>/token or int8/tensor/dynamic)")
         return self
@@ -174,6 +180,10 @@ class Quantize(Pass):
             for path in quantize_experts(cooked, select_experts(cooked, cfg.select), w, a, cfg.observer,
                                          cfg.percentile, cfg.learnable_scales):
                 changes.append(Change(path, f"expert weights {cfg.weights}, acts {cfg.acts or 'float'}"))
+        if cfg.embeddings:
+            for path, emb in cook_embeddings(cooked).items():
+                emb.weight_quant = WeightQuant(w.bits, None, cfg.learnable_scales, weight=emb.weight.detach())
+                changes.append(Change(path, f"embedding table int{w.bits} per row"))
         if self._static():
             calibrate(cooked, batches, desc="quantize calibration")
         return PassResult(changes)

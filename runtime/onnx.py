@@ -12,6 +12,7 @@ ops (`fxcook.ops.quant`) and put back afterwards (`lowered`); the translations e
   DequantizeLinear on the int8 weight stored `[in, out]` (per output channel, axis 1), MatMul;
   ORT fuses each into an integer GEMM.
 - weight-only: DequantizeLinear (axis 0, or per group) on the int8 weight, float MatMul.
+- quantized embedding tables: Gather on the int8 table and on its row scales, then one multiply.
 - quantized HF MoE expert weights (`fxcook.quant_experts`): int8 `[E*out, in]` initializers with
   DequantizeLinear (axis 0), the GEMM's token operand through Q/DQ, and transformers' grouped expert
   GEMM as a float MatMul over all experts with a per-row select (exact, not fast).
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcook.errors import FxcookError, NotSupportedYet
-from fxcook.nn import CookedLinear
+from fxcook.nn import CookedEmbedding, CookedLinear
 from fxcook.quant import DynamicTensorQuant, TensorQuant, TokenQuant
+from fxcook.quant_embed import EmbeddingInt8Export
 from fxcook.tracing import dynamic_spec, split_inputs
 
 __all__ = ["export", "lowered", "QuantLinearExport", "session", "optimized_ops", "integer_gemms",
@@ -111,10 +113,11 @@ def lowered(cooked: nn.Module):
     modes = [(m, m.training) for m in cooked.modules()]
     try:
         for path, mod in list(cooked.named_modules()):
-            if isinstance(mod, CookedLinear) and mod.weight_quant is not None:
+            if isinstance(mod, (CookedLinear, CookedEmbedding)) and mod.weight_quant is not None:
                 parent, _, name = path.rpartition(".")
                 owner = cooked.get_submodule(parent)
-                setattr(owner, name, QuantLinearExport(mod))
+                export = QuantLinearExport if isinstance(mod, CookedLinear) else EmbeddingInt8Export
+                setattr(owner, name, export(mod))
                 swapped.append((owner, name, mod))
         cooked.eval()
         with lowered_experts(cooked):

@@ -65,7 +65,8 @@ def test_trt_lowering_is_a_copy_that_matches_a_masked_smoothquant_model():
     assert {p: type(m) for p, m in cooked.named_modules()} == types
     assert all(torch.equal(v, cooked.state_dict()[k]) for k, v in before.items())
     swapped = [m for m in low.modules() if type(m).__name__ == "_TrtQuantLinear"]
-    assert swapped and all(m.inv_smooth is not None for m in swapped)
+    smoothed = sum(1 for m in cooked.modules() if getattr(getattr(m, "input_quant", None), "smooth", None) is not None)
+    assert swapped and 0 < smoothed == sum(1 for m in swapped if m.inv_smooth is not None)
     x = calib[1]
     with torch.no_grad():
         ref, got = cooked(**x).last_hidden_state, low(**x).last_hidden_state
