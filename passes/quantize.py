@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from fxcook.errors import FxcookError, PassError, PreconditionError
+from fxcook.errors import FxcookError, PassError, PreconditionError, SelectorError
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.quant import (OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights,
@@ -141,11 +141,20 @@ class Quantize(Pass):
             raise PreconditionError("quantize: calibration got no data (the calibration iterable is empty)")
         return batches
 
+    def _linear_sites(self, cooked, experts: list[str]) -> list:
+        """The selected linear sites; none is fine when the selector picks expert matmuls instead."""
+        try:
+            return self.config.select.resolve(cooked)
+        except SelectorError:
+            if not experts:
+                raise
+            return []
+
     def call(self, cooked) -> PassResult:
         cfg = self.config
-        sites = cfg.select.resolve(cooked)
+        experts = select_experts(cooked, cfg.select) if cfg.experts else []
         linears = {}
-        for s in sites:
+        for s in self._linear_sites(cooked, experts):
             mod = cooked.get_submodule(s.path)
             if not isinstance(mod, CookedLinear):
                 raise PassError(f"quantize: site {s.path} is a {type(mod).__name__}, not a CookedLinear")
@@ -177,7 +186,7 @@ class Quantize(Pass):
             changes.append(Change(path, f"weights {cfg.weights}, acts {acts}"
                                         + (f", smoothquant a={cfg.smoothquant}" if path in factors else "")))
         if cfg.experts:
-            for path in quantize_experts(cooked, select_experts(cooked, cfg.select), w, a, cfg.observer,
+            for path in quantize_experts(cooked, experts, w, a, cfg.observer,
                                          cfg.percentile, cfg.learnable_scales):
                 changes.append(Change(path, f"expert weights {cfg.weights}, acts {cfg.acts or 'float'}"))
         if cfg.embeddings:
@@ -273,7 +282,8 @@ class Quantize(Pass):
         return factors
 
     def ensures(self, cooked) -> None:
-        for s in self.config.select.resolve(cooked):
+        experts = select_experts(cooked, self.config.select) if self.config.experts else []
+        for s in self._linear_sites(cooked, experts):
             mod = cooked.get_submodule(s.path)
             if not isinstance(mod.weight_quant, WeightQuant):
                 raise PassError(f"quantize: {s.path} has no weight quantizer after the pass")

@@ -165,6 +165,14 @@ def test_exclude_patterns_select_expert_weights_by_parameter_path(captured):
     assert all(p.endswith("gate_up_proj") for p in expert_weight_quants(cooked))
 
 
+def test_include_patterns_may_select_only_expert_weights(captured):
+    cooked, _ = quantized(captured, "mixtral", include=["*.experts.*"])
+    assert len(expert_weight_quants(cooked)) == 4
+    assert not any(isinstance(m, CookedLinear) and m.weight_quant is not None for m in cooked.modules())
+    with pytest.raises(PassError, match="SelectorError.*no_such_layer"):
+        quantized(captured, "mixtral", include=["*.no_such_layer"])
+
+
 def test_static_activation_scales_are_calibrated(captured):
     calib = [tiny_inputs("qwen2_moe", batch=2, seq=8, seed=s) for s in range(2)]
     cooked, _ = quantized(captured, "qwen2_moe", acts="int8/tensor", calibration=calib)
