@@ -10,6 +10,7 @@ import copy
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.fx import Graph
 from torch.export.unflatten import UnflattenedModule
 
 from .tracing import finalize
@@ -44,12 +45,19 @@ class CookedModel(UnflattenedModule):
         return root
 
     def __deepcopy__(self, memo: dict) -> "CookedModel":
-        """A full copy; export's graph metadata (fake tensors, which cannot be copied) is shared."""
-        for _, node in self.named_nodes():
-            memo.setdefault(id(node.meta), node.meta)
+        """A full copy; export's graph metadata (fake tensors, which cannot be copied) is shared.
+
+        Graphs are copied first (fx's Graph.__deepcopy__ shares each node's metadata values), and each old
+        node is memoized as its copy: references from outside a graph (`input_placeholders`) then point into
+        the copied graph instead of dragging along a stray node copy whose metadata a later copy would miss.
+        """
         for mod in self.modules():
             if isinstance(mod.__dict__.get("meta"), dict):
                 memo.setdefault(id(mod.__dict__["meta"]), mod.__dict__["meta"])
+            graph = getattr(mod, "graph", None)
+            if isinstance(graph, Graph) and id(graph) not in memo:
+                for old, new_node in zip(graph.nodes, copy.deepcopy(graph, memo).nodes, strict=True):
+                    memo[id(old)] = new_node
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))

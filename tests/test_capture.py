@@ -148,3 +148,26 @@ def test_deepcopy_is_independent_and_mode_follows_original():
         assert not torch.equal(twin(**x).last_hidden_state, cooked(**x).last_hidden_state)
     node = next(n for n in twin.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module")
     assert node.graph is not next(n for n in cooked.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module").graph
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "mixtral"])
+def test_deepcopy_of_a_copy_is_exact_and_independent(family):
+    cooked = fxcook.compile(tiny_model(family), [], example_inputs=(x := tiny_inputs(family)))
+    copies = [cooked]
+    for _ in range(3):  # a copy of a copy used to fail: its input_placeholders dragged stray nodes along
+        copies.append(copy.deepcopy(copies[-1]))
+    for c in copies[1:]:
+        assert all(p in c.graph.nodes for p in c.input_placeholders)
+    with torch.no_grad():
+        ref = main_output(cooked(**x))
+        for c in copies[1:]:
+            assert torch.equal(main_output(c(**x)), ref)
+        for p in copies[3].parameters():
+            p.add_(1.0)
+        assert not torch.equal(main_output(copies[3](**x)), ref)
+        for c in copies[:3]:
+            assert torch.equal(main_output(c(**x)), ref)
+    main_output(copies[3](**x)).float().sum().backward()  # the copy trains, on its own parameters only
+    assert all(p.grad is None for c in copies[:3] for p in c.parameters())
+    assert any(p.grad is not None for p in copies[3].parameters())
+    copies[3].recompile()
