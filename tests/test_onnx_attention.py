@@ -12,11 +12,6 @@ from fxcook.runtime import onnx as fxonnx
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def run(path, x):
-    s = fxonnx.session(path, threads=1)
-    return s.run(None, {i.name: x[i.name].numpy() for i in s.get_inputs()})[0]
-
-
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 1000), family=st.sampled_from(["bert", "llama", "gpt2"]))
 def test_attention_export_drops_the_nan_guard_and_matches_stock(tmp_path_factory, seed, family):
@@ -34,7 +29,7 @@ def test_attention_export_drops_the_nan_guard_and_matches_stock(tmp_path_factory
     assert "IsNaN" not in ops and "Softmax" in ops
     assert "IsNaN" in [n.op_type for n in onnx.load(str(stock)).graph.node]  # what the guard looked like
     x2 = tiny_inputs(family, batch=3, seq=7, seed=seed + 1, pad=4)  # other shapes, heavy padding
-    got, ref = run(ours, x2), run(stock, x2)
+    got, ref = (fxonnx.OrtModel(p, threads=1)(**x2).numpy() for p in (ours, stock))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
     with torch.no_grad():
         np.testing.assert_allclose(got, cooked(**x2)[0].numpy(), rtol=1e-4, atol=1e-5)
