@@ -221,9 +221,7 @@ class Quantize(Pass):
         def error() -> float:
             return sum(_masked_sq_error(_first_tensor(call_batch(cooked, b)), r, b) for b, r in zip(batches, refs))
 
-        groups: dict[str, list[str]] = {}
-        for path in linears:
-            groups.setdefault(_input_of(cooked, path), []).append(path)
+        groups = _input_groups(cooked, linears)
         base, gain = error(), {}
         spec = parse_acts(self.config.sensitive_acts)
         for key, paths in tqdm(groups.items(), desc="quantize sensitivity", leave=False):
@@ -266,11 +264,8 @@ class Quantize(Pass):
         missing = [p for p in linears if p not in amax]
         if missing:
             raise PassError(f"smoothquant calibration never reached {missing[:5]}")
-        groups: dict[str, list[str]] = {}
-        for path in linears:
-            groups.setdefault(_input_of(cooked, path), []).append(path)
         factors = {}
-        for paths in groups.values():
+        for paths in _input_groups(cooked, linears).values():
             mods = [linears[p] for p in paths]
             prev = getattr(mods[0].input_quant, "smooth", None)
             x_amax = torch.stack([amax[p] for p in paths]).amax(0)
@@ -287,6 +282,14 @@ class Quantize(Pass):
             mod = cooked.get_submodule(s.path)
             if not isinstance(mod.weight_quant, WeightQuant):
                 raise PassError(f"quantize: {s.path} has no weight quantizer after the pass")
+
+
+def _input_groups(cooked, paths) -> dict[str, list[str]]:
+    """`paths` grouped by the graph value each linear reads (q, k and v share one group)."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        groups.setdefault(_input_of(cooked, path), []).append(path)
+    return groups
 
 
 def _input_of(cooked, path: str) -> str:
