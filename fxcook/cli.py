@@ -106,7 +106,7 @@ def cmd_inspect(args) -> int:
           f"{len(cooked.sites.blocks)} blocks)")
     for s in linears:
         w = cooked.get_submodule(s.path).weight
-        print(f"  {s.path:56} {str(tuple(w.shape)):14} {w.numel():>10,}")
+        print(f"  {s.path:56} {tuple(w.shape)!s:14} {w.numel():>10,}")
     ffns = cooked.sites.find("ffn")
     print(f"FFN blocks: {len(ffns)}")
     for s in ffns:

@@ -101,3 +101,20 @@ def tiny_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 0, pad: i
     if family == "t5":
         out["decoder_input_ids"] = torch.randint(1, 128, (batch, seq), generator=g)
     return out
+
+
+def save_tiny_pretrained(path: str | os.PathLike, lines: list[str], seed: int = 0, **overrides) -> Path:
+    """A local HF directory holding a tiny random BERT and a word-level tokenizer over `lines`:
+    what the command line loads, with no download and in seconds."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    from transformers import BertTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    split = BertPreTokenizer().pre_tokenize_str
+    words = sorted({w for line in lines for w, _ in split(line.lower())})
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(path)
+    tiny_model("bert", seed, vocab_size=len(words) + 5, **overrides).save_pretrained(path)
+    return path

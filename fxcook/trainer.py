@@ -501,7 +501,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=at_least(1), help="micro-batches per step (default 1)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
     parser.add_argument("--warmup", type=at_least(0), help="linear warmup steps (default 0)")
-    parser.add_argument("--schedule", choices=("cosine", "linear", "constant"))
+    parser.add_argument("--schedule", choices=("cosine", "linear", "constant"), help="LR decay after warmup (default cosine)")
     parser.add_argument("--max-length", type=at_least(2), help="tokens per line (default 128)")
     parser.add_argument("--save-every", type=at_least(0), help="checkpoint every N steps (default 50; 0: at the end)")
     parser.add_argument("--seed", type=int, help="seed (default 0)")
@@ -516,8 +516,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-lines", type=at_least(0), default=64, help="held-out lines for the fidelity table")
 
 
-TRAIN_DEFAULTS = dict(steps=100, batch_size=16, grad_accum=1, lr=1e-4, warmup=0, schedule="cosine",
-                      max_length=128, save_every=50, seed=0)
+TRAIN_DEFAULTS = {"steps": 100, "batch_size": 16, "grad_accum": 1, "lr": 1e-4, "warmup": 0, "schedule": "cosine",
+                  "max_length": 128, "save_every": 50, "seed": 0}
 
 
 def _train_settings(args, recipe_train: dict) -> tuple[dict, dict]:
