@@ -14,8 +14,8 @@ DATA = {"input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().
 SCHEDULE = {"start": 0, "end": 4, "every": 2}
 
 
-def _student():
-    sparsify = P.Sparsify(pattern="unstructured", method="magnitude", sparsity=0.75, schedule=SCHEDULE)
+def _student(schedule):
+    sparsify = P.Sparsify(pattern="unstructured", method="magnitude", sparsity=0.75, schedule=schedule)
     return fxcook.compile(tiny_model("llama"), [sparsify], tiny_inputs("llama")), sparsify
 
 
@@ -27,8 +27,8 @@ class Stop(Exception):
     pass
 
 
-def _run(steps, out=None, stop_at=None):
-    model, sparsify = _student()
+def _run(steps, out=None, stop_at=None, schedule=SCHEDULE):
+    model, sparsify = _student(schedule)
     densities = []
 
     def record(step, m):
@@ -51,11 +51,12 @@ def test_density_ramps_on_the_schedule_during_train():
 
 
 def test_resumed_ramp_matches_an_uninterrupted_one(tmp_path):
-    whole, _, _, ref = _run(6)
-    with pytest.raises(Stop):  # a crash in step 4, mid-ramp (recomputed at step 2, due again at 4)
-        _run(6, out=tmp_path, stop_at=4)
-    resumed, sparsify, _, res = _run(6, out=tmp_path)
-    assert res.resumed_from == 3 and sparsify.state.final
-    assert res.losses == pytest.approx(ref.losses[3:], rel=1e-5)
+    schedule = {"start": 0, "end": 6, "every": 3}  # recomputed at steps 3 and 6 only
+    whole, _, _, ref = _run(8, schedule=schedule)
+    with pytest.raises(Stop):  # a crash in step 5: the checkpoint of step 4 is the latest
+        _run(8, out=tmp_path, stop_at=5, schedule=schedule)
+    resumed, sparsify, _, res = _run(8, out=tmp_path, schedule=schedule)
+    assert res.resumed_from == 4 and sparsify.state.final
+    assert res.losses == pytest.approx(ref.losses[4:], rel=1e-5)
     for path, m in _masked(whole).items():
         assert torch.equal(m.weight_mask, _masked(resumed)[path].weight_mask), path
