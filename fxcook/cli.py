@@ -119,8 +119,9 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def calibration_for(recipe, tokenizer, model: str) -> list[dict]:
-    """The recipe's calibration batches, refused when `model`'s tokenizer makes them mostly unknown tokens."""
+def calibration_for(recipe, tokenizer, model: str | None = None) -> list[dict]:
+    """The recipe's calibration batches, refused when the tokenizer of `model` (default: the
+    tokenizer's own path) makes them mostly unknown tokens."""
     from .data import check_known_tokens, lines_from, token_batches
 
     cal = recipe.calibration

@@ -118,10 +118,12 @@ def unknown_fraction(batches: list[dict], tokenizer) -> float:
     return unknown / real if real else 0.0
 
 
-def check_known_tokens(batches: list[dict], tokenizer, model: str, most: float = 0.5) -> None:
-    """Stop when `model`'s tokenizer turns the text mostly into its unknown token (e.g. a model
-    directory without tokenizer files): compressing or training on that would silently be noise."""
+def check_known_tokens(batches: list[dict], tokenizer, model: str | None = None, most: float = 0.5) -> None:
+    """Stop when `model`'s tokenizer (default: the tokenizer's own path) turns the text mostly into its
+    unknown token (e.g. a model directory without tokenizer files): compressing or training on that
+    would silently be noise."""
     share = unknown_fraction(batches, tokenizer)
+    model = model or getattr(tokenizer, "name_or_path", None) or "in use"
     if share > most:
         raise FxcookError(f"model {model}: {share:.0%} of the text's tokens are the unknown token "
                           f"{tokenizer.unk_token!r}; its tokenizer files are missing or do not fit the text "
