@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import fxcook  # noqa: E402
-from fxcook.cli import calibration_for  # noqa: E402
+from fxcook.data import calibration_for  # noqa: E402
 from fxcook.data import shakespeare_lines, token_batches  # noqa: E402
 from fxcook.evaluate import embed, fidelity  # noqa: E402
 from fxcook.models import load_model  # noqa: E402

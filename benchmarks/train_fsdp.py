@@ -30,7 +30,7 @@ RECIPE = ROOT / "examples" / "recipes" / "int8_24.yaml"
 
 
 def _setup(max_length: int):
-    from fxcook.cli import calibration_for
+    from fxcook.data import calibration_for
     from fxcook.distill import DistillLoss
     from fxcook.models import load_model
     from fxcook.pipeline import compile

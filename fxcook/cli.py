@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
+from .data import calibration_for
 from .errors import FxcookError
+from .paths import check_out_dir, check_out_file, model_dir
 
 INSPECT_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is the question."]
 
@@ -36,54 +37,6 @@ def at_least(least: int):
             raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
         return value
     return parse
-
-
-# ---- output paths ---------------------------------------------------------------------------------
-def _writable(path: Path, what: str) -> None:
-    """`path` can be created: its nearest existing ancestor is a directory we can write into."""
-    ancestor = path
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise FxcookError(f"{what} {path}: {ancestor} is a file, so nothing can be created under it")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as e:
-        raise FxcookError(f"{what} {path}: cannot write into {ancestor} ({e.strerror or e})") from e
-
-
-def model_dir(name: str) -> Path | None:
-    """The local directory a model name loads from ('minilm' or a directory), else None."""
-    if name == "minilm":
-        from .models import minilm_path
-
-        return minilm_path()
-    return Path(name) if Path(name).is_dir() else None
-
-
-def check_out_dir(path: Path, what: str = "--out", source: Path | None = None) -> Path:
-    """An output directory: not an existing file, writable, and not the input model directory
-    `source` or inside it (writing there would overwrite the original weights)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FxcookError(f"{what} {path} is an existing file, not a directory; choose another path")
-    if source is not None:
-        out, src = path.resolve(), Path(source).resolve()
-        if out == src or src in out.parents:
-            raise FxcookError(f"{what} {path} is inside the input model directory {source}: writing there "
-                              f"would overwrite the original model; choose a directory outside it")
-    _writable(path, what)
-    return path
-
-
-def check_out_file(path: Path, what: str = "--out") -> Path:
-    """A single output file: not an existing directory, and its directory writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise FxcookError(f"{what} {path} is an existing directory; give a file name (e.g. {path / 'model.onnx'})")
-    _writable(path, what)
-    return path
 
 
 # ---- commands -------------------------------------------------------------------------------------
@@ -117,17 +70,6 @@ def cmd_inspect(args) -> int:
         print(f"{kind} sites: {len(cooked.sites.find(kind))}")
     print(render(cooked, per_layer=args.per_layer))
     return 0
-
-
-def calibration_for(recipe, tokenizer, model: str | None = None) -> list[dict]:
-    """The recipe's calibration batches, refused when the tokenizer of `model` (default: the
-    tokenizer's own path) makes them mostly unknown tokens."""
-    from .data import check_known_tokens, lines_from, token_batches
-
-    cal = recipe.calibration
-    batches = token_batches(tokenizer, lines_from(cal.data, cal.samples, cal.seed), cal.batch_size, cal.max_length)
-    check_known_tokens(batches, tokenizer, model)
-    return batches
 
 
 def cmd_compress(args) -> int:

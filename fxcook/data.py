@@ -128,3 +128,12 @@ def check_known_tokens(batches: list[dict], tokenizer, model: str | None = None,
         raise FxcookError(f"model {model}: {share:.0%} of the text's tokens are the unknown token "
                           f"{tokenizer.unk_token!r}; its tokenizer files are missing or do not fit the text "
                           f"(save the model's tokenizer into that directory with tokenizer.save_pretrained)")
+
+
+def calibration_for(recipe, tokenizer, model: str | None = None) -> list[dict]:
+    """The recipe's calibration batches, refused when the tokenizer of `model` (default: the
+    tokenizer's own path) makes them mostly unknown tokens."""
+    cal = recipe.calibration
+    batches = token_batches(tokenizer, lines_from(cal.data, cal.samples, cal.seed), cal.batch_size, cal.max_length)
+    check_known_tokens(batches, tokenizer, model)
+    return batches

@@ -74,8 +74,7 @@ def _onnx_row(cooked, tok, held_out: list[str], ref) -> dict:
 
 def run(samples: int = 256, distill: bool = True, onnx: bool = True, console: Console | None = None) -> list[dict]:
     from . import compile
-    from .cli import calibration_for
-    from .data import shakespeare_lines
+    from .data import calibration_for, shakespeare_lines
     from .distill import DistillLoss
     from .evaluate import embed, fidelity
     from .models import load_model

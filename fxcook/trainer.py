@@ -345,7 +345,7 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
                   max_length=(max_length, 2), save_every=(save_every, 0), keep=(keep, 0), eval_every=(eval_every, 0))
     outdir = Path(out) if out is not None else None
     if outdir is not None:
-        from .cli import check_out_dir
+        from .paths import check_out_dir
 
         check_out_dir(outdir, "train out")
     loss = loss if loss is not None else DistillLoss(lm=1.0) if teacher is None else DistillLoss(hidden_mse=1.0)
@@ -539,9 +539,9 @@ def main(args: argparse.Namespace) -> int:
     """`fxcook train`: compress --model with --recipe, distill it from the original on --data, then
     save the trained model as a compressed artifact in --out/model (and --out/model.onnx with --onnx)."""
     from .checkpoint import save_compressed, write_atomic
-    from .cli import calibration_for, check_out_dir, model_dir
-    from .data import check_known_tokens, lines_from
+    from .data import calibration_for, check_known_tokens, lines_from
     from .models import example_batch, load_model
+    from .paths import check_out_dir, model_dir
     from .pipeline import compile as fx_compile
 
     out = check_out_dir(Path(args.out), "--out", source=model_dir(args.model))
