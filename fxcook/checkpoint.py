@@ -35,6 +35,7 @@ __all__ = ["CheckpointError", "load_compressed", "load_quantized", "save_compres
 
 CODE_NAMES = ("qweight", "weight_quant")  # fxcook's, BMCook's
 SCALE = "weight_scale"
+SHOWN = 40  # keys named in one error
 
 
 class CheckpointError(FxcookError):
@@ -195,8 +196,8 @@ def _plan(model, f) -> _Plan:
             _plan_tensor(plan, f, key, state, aliases, coded)
     missing = [k for k in state if k not in aliases and k not in plan.covered]
     if missing:
-        plan.problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:12])}"
-                             + (f" ... {len(missing) - 12} more" if len(missing) > 12 else ""))
+        plan.problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:SHOWN])}"
+                             + (f" ... {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""))
     return plan
 
 
