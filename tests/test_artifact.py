@@ -40,9 +40,11 @@ CASES = {
     "schedule-tap": ("gpt2", _scheduled),
     "24-int8-moefy-mlp": ("llama", lambda f: [Relufy(), Sparsify(), Quantize(),
                                               Moefy(experts=4, top_k=2, calibration=calib(f))]),
-    "moefy-coactivation-oracle": ("bert", lambda f: [Relufy(), Moefy(experts=4, top_k=1, method="coactivation",
-                                                                     router="oracle", calibration=calib(f)),
-                                                     Tap(taps=["[post]encoder.layer.*"])]),
+    # group-wise scales run along the FFN width, so they see the experts' neuron order (`perm`)
+    "int4-moefy-coactivation-oracle": ("bert", lambda f: [Relufy(), Quantize(weights="int4/group16", acts=None),
+                                                          Moefy(experts=4, top_k=1, method="coactivation",
+                                                                router="oracle", calibration=calib(f)),
+                                                          Tap(taps=["[post]encoder.layer.*"])]),
     "experts-static": ("mixtral", lambda f: [Quantize(acts="int8/tensor", calibration=calib(f))]),
 }
 _BUILT = {}
@@ -77,7 +79,8 @@ def test_load_of_save_computes_the_same(case, tmp_path_factory, batch, seq, pad,
 
 def test_restore_takes_data_derived_state_from_the_file(tmp_path_factory):
     """Masks, static scales, divisors, expert layouts and routers are the saved ones, not placeholders."""
-    for case in ("lsq-static-embeddings", "2d-dynamic-smoothquant", "24-int8-moefy-mlp", "schedule-tap"):
+    for case in ("lsq-static-embeddings", "2d-dynamic-smoothquant", "24-int8-moefy-mlp", "schedule-tap",
+                 "int4-moefy-coactivation-oracle"):
         _, model, loaded = saved_and_loaded(case, tmp_path_factory)
         saved = model.state_dict()
         data = [k for k in saved if k.rpartition(".")[2] in ("weight_mask", "scale", "smooth", "labels", "perm")
