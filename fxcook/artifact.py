@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -167,10 +167,13 @@ def _aside(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = None) -> Path:
+def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = None, *,
+         extras: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
     """Write `cooked` as an artifact directory (see the module docstring); returns its path.
 
-    The directory is built aside and renamed into place, so a reader never sees half an artifact.
+    `extras`: file name -> function writing that file (e.g. an ONNX export), run inside the new
+    directory so the manifest covers it. The directory is built aside and renamed into place, so a
+    reader never sees half an artifact.
     """
     out = Path(out_dir)
     origin = getattr(cooked, "origin", None)
@@ -194,6 +197,8 @@ def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = 
         (tmp / REPORT).write_text(cooked.report(per_layer=True) + "\n")
         if recipe is not None:
             shutil.copyfile(recipe, tmp / Path(recipe).name)
+        for name, write in (extras or {}).items():
+            write(tmp / name)
         manifest.write(tmp, fingerprint=manifest.fingerprint(cooked, entries))
     return out
 

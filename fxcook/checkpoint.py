@@ -227,11 +227,11 @@ def load_quantized(model, path: str | os.PathLike) -> None:
             state[key].data.copy_(read())
 
 
-def save_compressed(cooked, out: str | os.PathLike, recipe: Path | None = None) -> Path:
+def save_compressed(cooked, out: str | os.PathLike, recipe: Path | None = None, **kwargs) -> Path:
     """The artifact of `fxcook.save` (kept under this name for the CLI)."""
     from .artifact import save
 
-    return save(cooked, out, recipe=recipe)
+    return save(cooked, out, recipe=recipe, **kwargs)
 
 
 def load_compressed(directory: str | os.PathLike, model=None):

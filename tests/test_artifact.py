@@ -160,6 +160,8 @@ def test_a_loaded_model_saves_again_and_compress_output_loads(tmp_path):
     x = tiny_inputs("gpt2")
     cooked = fxcook.compile(tiny_model("gpt2"), [Sparsify(), Quantize()], example_inputs=x)
     once = load_compressed(save_compressed(cooked, tmp_path / "a"))
-    twice = fxcook.load(fxcook.save(once, tmp_path / "b"))
+    extra = {"notes.txt": lambda path: path.write_text("written inside the artifact")}
+    twice = fxcook.load(fxcook.save(once, tmp_path / "b", extras=extra))  # the manifest lists the extra file
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["files"].keys() >= {"notes.txt"}
     with torch.no_grad():
         torch.testing.assert_close(twice(**x).logits, cooked(**x).logits, rtol=0, atol=1e-6)
