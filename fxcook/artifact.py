@@ -118,10 +118,12 @@ def _entries(cooked) -> list[dict]:
     """The recipe entries of every pass in `cooked.history`; a pass that left none cannot be saved."""
     entries = list(getattr(cooked, ENTRIES, None) or [])
     ran = [r.name for r in cooked.history]
-    if [e["pass"] for e in entries] != ran:
-        missing = next((n for i, n in enumerate(ran) if i >= len(entries) or entries[i]["pass"] != n), ran[-1:])
-        raise ArtifactError(f"pass {missing!r} left no recipe entry on the model (it does not end with "
-                            f"Pass.finish), so an artifact could not rebuild it; passes run: {ran}")
+    recorded = [e["pass"] for e in entries]
+    if recorded != ran:
+        first = next(i for i, (a, b) in enumerate(zip([*ran, None], [*recorded, None])) if a != b)
+        raise ArtifactError(f"pass {ran[first] if first < len(ran) else recorded[first]!r} has no recipe entry "
+                            f"matching the history (it does not end with Pass.finish), so an artifact could not "
+                            f"rebuild it; passes run: {ran}")
     return entries
 
 

@@ -165,3 +165,26 @@ def test_a_loaded_model_saves_again_and_compress_output_loads(tmp_path):
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["files"].keys() >= {"notes.txt"}
     with torch.no_grad():
         torch.testing.assert_close(twice(**x).logits, cooked(**x).logits, rtol=0, atol=1e-6)
+
+
+def test_what_load_could_not_rebuild_is_not_saved(tmp_path):
+    from fxcook.errors import RecipeError
+    from fxcook.passbase import Pass, PassResult
+
+    class Halve(Pass):
+        name = "halve"
+
+        def call(self, cooked):
+            cooked.up.weight.data.mul_(0.5)
+            return PassResult()
+
+    class Registered(Halve):
+        def call(self, cooked):
+            return self.finish(cooked, [])
+
+    x = torch.randn(2, 8)
+    with pytest.raises(ArtifactError, match="pass 'halve' has no recipe entry"):
+        fxcook.save(fxcook.compile(Toy(), [Halve()], example_inputs=(x,)), tmp_path / "a")
+    with pytest.raises(RecipeError, match="unknown pass 'halve'"):
+        fxcook.save(fxcook.compile(Toy(), [Registered()], example_inputs=(x,)), tmp_path / "b")
+    assert not any(tmp_path.iterdir())
