@@ -3,13 +3,14 @@ from .errors import (CaptureError, FxcookError, NotSupportedYet, PassError, Prec
                      RecipeError, SelectorError)
 from .cooked import CookedModel
 from .nn import CookedLinear
+from .artifact import load, save
 from .pipeline import apply, capture, compile
 from .select import Select
 
 __all__ = [
     "CaptureError", "CookedLinear", "CookedModel", "FxcookError", "NotSupportedYet", "PassError",
     "PreconditionError", "RecipeError", "Select", "SelectorError", "apply", "capture", "compile",
-    "load_recipe",
+    "load", "load_recipe", "save",
 ]
 
 

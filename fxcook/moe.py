@@ -130,8 +130,9 @@ class ExpertLinear(HookedWeight, nn.Module):
         out_f, in_f = w.shape
         self.split = split
         self.experts = experts
-        self.register_buffer("perm", perm.clone(), persistent=False)
-        self.register_buffer("inv_perm", torch.argsort(perm), persistent=False)
+        # persistent: the expert layout comes from calibration, so a saved model must carry it
+        self.register_buffer("perm", perm.clone())
+        self.register_buffer("inv_perm", torch.argsort(perm))
         self.weight = nn.Parameter(self._to_experts(w).clone())
         bias = getattr(linear, "bias", None)
         if bias is not None and split == "out":
@@ -364,7 +365,7 @@ class MoEFFN(nn.Module):
         perm = _check_labels(labels, experts)
         self.experts, self.top_k, self.act, self.router_kind = experts, top_k, act, router
         self.hidden_size = up.weight.shape[1]
-        self.register_buffer("labels", labels.clone(), persistent=False)
+        self.register_buffer("labels", labels.clone())  # persistent, like the experts' `perm`
         self.up = ExpertLinear(up, perm, experts, "out")
         self.gate = None if gate is None else ExpertLinear(gate, perm, experts, "out")
         self.down = ExpertLinear(down, perm, experts, "in")

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from . import tracing
+from .artifact import Origin
 from .cooked import CookedModel, PassRecord
 from .errors import FxcookError, PassError
 from .passbase import Pass
@@ -25,7 +26,9 @@ def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> Coo
     root = tracing.unflatten(ep, model, inplace=inplace)
     sites = build_sites(ep, root, model)
     types = {path: type(m).__name__ for path, m in model.named_modules()}
-    return CookedModel.adopt(root, sites, types).train(model.training)
+    cooked = CookedModel.adopt(root, sites, types).train(model.training)
+    cooked.origin = Origin.of(model, example_inputs)  # what fxcook.save needs to rebuild it
+    return cooked
 
 
 def check_order(passes: Sequence[Pass]) -> None:

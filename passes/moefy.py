@@ -22,19 +22,18 @@ and Sparsify, whose hooks (`weight_quant`, `weight_mask`, `input_quant`) the exp
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
-from typing import Literal
 
 from fxcook.errors import PassError, PreconditionError, SelectorError
 from fxcook.moe import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partition, train_router
 from fxcook.nn import CookedLinear
-from fxcook.passbase import Change, Pass, PassConfig, PassResult
+from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.select import Select
 from fxcook.tracing import call_batch, call_sites
 
@@ -139,21 +138,22 @@ def _local_slice(graph: torch.fx.Graph, calls: dict, owner: str, info: dict):
     return x, nodes["down"], body
 
 
-class Moefy(Pass):
+class Moefy(DataPass):
     """FFN sites -> `MoEFFN` with `experts` equal experts, `top_k` active per token.
 
     `calibration` (needed for `router="mlp"` and `method="coactivation"`): an iterable of model
     inputs (dicts of keyword tensors, tuples, or tensors); runtime data, so a constructor argument.
     After the pass, `self.stats[site] = {"recall": ..., ...}` holds each router's held-out recall.
+    Restored (`fxcook.load`), the partition is a placeholder and routers are not trained: the saved
+    state holds the expert layout (`labels`, `perm`) and router weights; recalls are the recorded ones.
     """
 
     name = "moefy"
     Config = MoefyConfig
     after = ("relufy", "quantize", "sparsify")
 
-    def __init__(self, calibration: Iterable | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.calibration = calibration
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.stats: dict[str, dict] = {}
 
     def _sites(self, cooked):
@@ -172,7 +172,7 @@ class Moefy(Pass):
         sites = self._sites(cooked)
         if not sites:
             raise PreconditionError("moefy: every selected FFN site is already routed (Moefy ran before)")
-        if (cfg.router == "mlp" or cfg.method == "coactivation") and self.calibration is None:
+        if (cfg.router == "mlp" or cfg.method == "coactivation") and self.calibration is None and not self.restoring:
             raise PreconditionError(
                 f"moefy: router={cfg.router!r} / method={cfg.method!r} needs calibration=<iterable of model inputs>"
             )
@@ -238,6 +238,9 @@ class Moefy(Pass):
         cfg = self.config
         info = site.info
         activated = cooked.get_submodule(info["gate"] or info["up"])
+        if self.restoring:  # any equal partition: the saved labels and expert-major weights replace it
+            width = activated.out_features
+            return torch.arange(width) // (width // cfg.experts)
         if cfg.method == "kmeans":
             rows = F.normalize(activated.effective_weight().detach().float(), dim=1)
             return balanced_kmeans(rows, cfg.experts, iters=cfg.kmeans_iters, seed=cfg.seed)
@@ -253,7 +256,9 @@ class Moefy(Pass):
         moe = MoEFFN(copy.deepcopy(up), copy.deepcopy(down), info["act_op"], self._labels(site, cooked, hidden),
                      cfg.experts, cfg.top_k, gate=copy.deepcopy(gate), router=cfg.router)
         self._check_exact(site, moe, up, gate, down)
-        if cfg.router == "mlp":
+        if self.restoring:
+            stats = {"recall": self.restore.get("recall", {}).get(site.path, float("nan"))}
+        elif cfg.router == "mlp":
             mass = moe.expert_mass(hidden)
             stats = train_router(moe.router, hidden, mass, cfg.top_k, epochs=cfg.epochs, lr=cfg.lr,
                                  seed=cfg.seed, desc=f"router {site.path}")
@@ -319,7 +324,7 @@ class Moefy(Pass):
     def call(self, cooked) -> PassResult:
         cfg = self.config
         sites = self._sites(cooked)
-        need_data = cfg.router == "mlp" or cfg.method == "coactivation"
+        need_data = (cfg.router == "mlp" or cfg.method == "coactivation") and not self.restoring
         hidden = self._calibrate(cooked, sites) if need_data else {}
         built = [(s, self._build(s, cooked, hidden.get(s.path))) for s in tqdm(sites, desc="moefy", leave=False)]
         calls = call_sites(cooked)
@@ -335,10 +340,13 @@ class Moefy(Pass):
                 f"FFN {info['up']} -> {info['act_op']} -> {info['down']} as MoEFFN: {cfg.experts} experts of "
                 f"{width // cfg.experts} neurons ({cfg.method}), top-{cfg.top_k}, router {cfg.router} "
                 f"(recall {moe.router_recall:.3f})")))
-        return PassResult(changes)
+        return self.finish(cooked, changes)
+
+    def record(self) -> dict:
+        return {"recall": {path: stats["recall"] for path, stats in self.stats.items()}}
 
     def ensures(self, cooked) -> None:
-        for path, stats in self.stats.items():
+        for path in self.stats:
             site = next(s for s in cooked.sites.find("ffn") if s.path == path)
             moe = cooked.get_submodule(site.info["moe"])
             if not isinstance(moe, MoEFFN):

@@ -20,7 +20,6 @@ their parameter path with the same include/exclude patterns and scope. SmoothQua
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -29,9 +28,8 @@ from tqdm.auto import tqdm
 
 from fxcook.errors import FxcookError, PassError, PreconditionError, SelectorError
 from fxcook.nn import CookedLinear
-from fxcook.passbase import Change, Pass, PassConfig, PassResult
-from fxcook.quant import (OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights,
-                          smooth_factors)
+from fxcook.passbase import Change, DataPass, PassConfig, PassResult
+from fxcook.quant import OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights, smooth_factors
 from fxcook.quant_embed import cook_embeddings
 from fxcook.quant_experts import quantize_experts, select_experts
 from fxcook.select import Select
@@ -108,20 +106,19 @@ class QuantizeConfig(PassConfig):
         return self
 
 
-class Quantize(Pass):
+class Quantize(DataPass):
     """Fake-quantize weights and inputs of the selected linears (see module docstring).
 
     `calibration`: an iterable of model inputs; needed for static (`int8/tensor`) activations, for
-    SmoothQuant and for `sensitive_inputs`, ignored otherwise.
+    SmoothQuant and for `sensitive_inputs`, ignored otherwise. Restored (`fxcook.load`), static
+    scales and SmoothQuant divisors are placeholders the saved state replaces, and the sensitive
+    inputs are the recorded ones.
     """
 
     name = "quantize"
     Config = QuantizeConfig
     after = ("sparsify",)
-
-    def __init__(self, calibration: Iterable | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.calibration = calibration
+    sensitive: tuple[str, ...] = ()  # the linears switched to sensitive_acts by the last call
 
     def _static(self) -> bool:
         return self.config.acts is not None and not parse_acts(self.config.acts).dynamic
@@ -130,7 +127,7 @@ class Quantize(Pass):
         return self._static() or self.config.smoothquant is not None or self.config.sensitive_inputs > 0
 
     def requires(self, cooked) -> None:
-        if self._needs_data() and self.calibration is None:
+        if self._needs_data() and self.calibration is None and not self.restoring:
             what = ("static activations (int/tensor)" if self._static() else
                     "smoothquant" if self.config.smoothquant is not None else "sensitive_inputs")
             raise PreconditionError(f"quantize: {what} need calibration=<iterable of model inputs>")
@@ -159,11 +156,14 @@ class Quantize(Pass):
             if not isinstance(mod, CookedLinear):
                 raise PassError(f"quantize: site {s.path} is a {type(mod).__name__}, not a CookedLinear")
             linears[s.path] = mod
-        batches = self._batches() if self.calibration is not None and self._needs_data() else []
+        data = self.calibration is not None and self._needs_data() and not self.restoring
+        batches = self._batches() if data else []
         factors = {}
         if cfg.smoothquant is not None:
             down = set() if cfg.smooth_down_proj else {s.info["down"] for s in cooked.sites.find("ffn")}
-            factors = self._smooth(cooked, {p: m for p, m in linears.items() if p not in down}, batches)
+            smoothed = {p: m for p, m in linears.items() if p not in down}
+            factors = ({p: torch.ones_like(m.weight[0]).detach() for p, m in smoothed.items()} if self.restoring
+                       else self._smooth(cooked, smoothed, batches))
         w = parse_weights(cfg.weights)
         a = parse_acts(cfg.acts) if cfg.acts else None
         changes = []
@@ -178,7 +178,7 @@ class Quantize(Pass):
                                                                    cfg.learnable_scales)
             if mod.input_quant is not None:
                 mod.input_quant.set_smooth(smooth)
-        sensitive = self._sensitive(cooked, linears, batches) if cfg.sensitive_inputs else []
+        sensitive = self._sensitive_linears(cooked, linears, batches)
         for path in sensitive:
             linears[path].input_quant = _switched(linears[path].input_quant, parse_acts(cfg.sensitive_acts))
         for path in linears:
@@ -193,9 +193,24 @@ class Quantize(Pass):
             for path, emb in cook_embeddings(cooked).items():
                 emb.weight_quant = WeightQuant(w.bits, None, cfg.learnable_scales, weight=emb.weight.detach())
                 changes.append(Change(path, f"embedding table int{w.bits} per row"))
-        if self._static():
+        if self._static() and not self.restoring:
             calibrate(cooked, batches, desc="quantize calibration")
-        return PassResult(changes)
+        return self.finish(cooked, changes)
+
+    def record(self) -> dict:
+        return {"sensitive": list(self.sensitive)} if self.config.sensitive_inputs else {}
+
+    def _sensitive_linears(self, cooked, linears: dict[str, CookedLinear], batches: list) -> list[str]:
+        """The linears switched to `sensitive_acts`: searched on the data, or as recorded when restored."""
+        if not self.config.sensitive_inputs:
+            self.sensitive = ()
+        elif self.restoring:
+            self.sensitive = tuple(self.restore.get("sensitive", ()))
+            if unknown := [p for p in self.sensitive if p not in linears]:
+                raise PassError(f"quantize: recorded sensitive inputs {unknown[:3]} are not selected linears")
+        else:
+            self.sensitive = tuple(self._sensitive(cooked, linears, batches))
+        return list(self.sensitive)
 
     @torch.no_grad()
     def _sensitive(self, cooked, linears: dict[str, CookedLinear], batches: list) -> list[str]:

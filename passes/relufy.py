@@ -55,7 +55,7 @@ class Relufy(Pass):
                     act_site.info["type"] = "ReLU"
             self._swapped.append(site.info["act"])
             changes.append(Change(site.info["act"], f"{was} -> relu"))
-        return PassResult(changes)
+        return self.finish(cooked, changes)
 
     def ensures(self, cooked) -> None:
         for path in self._swapped:

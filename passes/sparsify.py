@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from fxcook.errors import PassError, PreconditionError
 from fxcook.masks import count_24_violations, make_mask
 from fxcook.nn import CookedLinear
-from fxcook.passbase import Change, Pass, PassConfig, PassResult
+from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.select import Select
 from fxcook.tracing import call_batch
 
-__all__ = ["Sparsify", "Schedule", "MaskState", "update_masks", "activation_norms"]
+__all__ = ["MaskState", "Schedule", "Sparsify", "activation_norms", "update_masks"]
 
 
 class Schedule(BaseModel):
@@ -192,20 +192,18 @@ class MaskState:
         return self.apply(cooked, self.sparsity_at(step), self.final)
 
 
-class Sparsify(Pass):
+class Sparsify(DataPass):
     """Add a `weight_mask` buffer to each selected linear; pruned raw weights become exactly zero.
 
     `calibration` (Wanda only): an iterable of model inputs (dicts of keyword tensors, tuples, or
-    tensors); it is runtime data, not recipe config, so it is a constructor argument.
+    tensors); it is runtime data, not recipe config, so it is a constructor argument. Restored
+    (`fxcook.load`), Wanda scores with unit activation norms: the masks are placeholders of the
+    right pattern that the saved state replaces.
     """
 
     name = "sparsify"
     Config = SparsifyConfig
-
-    def __init__(self, calibration: Iterable | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.calibration = calibration
-        self.state: MaskState | None = None
+    state: MaskState | None = None
 
     def _linears(self, cooked) -> list[tuple[str, CookedLinear]]:
         out = []
@@ -218,7 +216,7 @@ class Sparsify(Pass):
 
     def requires(self, cooked) -> None:
         cfg = self.config
-        if cfg.method == "wanda" and self.calibration is None:
+        if cfg.method == "wanda" and self.calibration is None and not self.restoring:
             raise PreconditionError("sparsify: method 'wanda' needs calibration=<iterable of model inputs>")
         for path, mod in self._linears(cooked):
             out_f, in_f = mod.weight.shape
@@ -239,6 +237,9 @@ class Sparsify(Pass):
             if getattr(cooked, "mask_schedules", None) is None:
                 cooked.mask_schedules = []
             cooked.mask_schedules.append(state)
+        if cfg.method == "wanda" and self.restoring:
+            state.norms = {p: torch.ones(m.in_features) for p, m in linears}
+            return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
         # read the calibration iterable once: sequential Wanda uses it per block, and a generator would run dry
         batches = list(itertools.islice(self.calibration, cfg.calib_batches)) if cfg.method == "wanda" else []
         if cfg.method == "wanda" and cfg.sequential:
@@ -252,10 +253,10 @@ class Sparsify(Pass):
                 state.paths = group
                 changes += state.apply(cooked, state.sparsity_at(start), state.final)
             state.paths = paths
-            return PassResult(changes)
+            return self.finish(cooked, changes)
         if cfg.method == "wanda":
             state.norms = activation_norms(cooked, paths, batches, cfg.calib_batches)
-        return PassResult(state.apply(cooked, state.sparsity_at(start), state.final))
+        return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
 
     def ensures(self, cooked) -> None:
         state = self.state

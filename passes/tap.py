@@ -225,7 +225,7 @@ class Tap(Pass):
                     call.replace_input_with(value, node)
                 node.meta["val"] = _val(value)
             changes.append(Change(spec.path, f"tap {spec}" + (f" (teacher {pair})" if pair else "")))
-        return PassResult(changes)
+        return self.finish(cooked, changes)
 
     def ensures(self, cooked) -> None:
         have = tap_points(cooked)
