@@ -45,6 +45,7 @@ __all__ = ["FORMAT", "ArtifactError", "Origin", "load", "save"]
 FORMAT = 1
 DESCRIPTION = "fxcook.json"
 WEIGHTS, INPUTS, CONFIG, REPORT = "model.safetensors", "inputs.safetensors", "config.json", "report.txt"
+TOKENIZER = "tokenizer"  # a folder: the tokenizer the model was compressed with, when the caller gives one
 
 
 class ArtifactError(FxcookError):
@@ -206,6 +207,28 @@ def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = 
 
 
 # ------------------------------------------------------------------------------ load
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by `save` (rather than, say, a HuggingFace model)."""
+    return (Path(path) / DESCRIPTION).is_file()
+
+
+def tokenizer_extra(tokenizer) -> dict[str, Callable[[Path], object]]:
+    """`save(..., extras=tokenizer_extra(tok))` stores `tok` in the artifact, so training or
+    evaluating the saved model needs nothing but its directory."""
+    return {TOKENIZER: lambda path: tokenizer.save_pretrained(str(path))}
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The tokenizer stored by `tokenizer_extra` in artifact `directory`."""
+    from transformers import AutoTokenizer
+
+    folder = Path(directory) / TOKENIZER
+    if not folder.is_dir():
+        raise ArtifactError(f"{directory} holds no {TOKENIZER}/ folder (it was saved without a tokenizer); "
+                            f"save it with extras=tokenizer_extra(tok), as fxcook compress and train do")
+    return AutoTokenizer.from_pretrained(str(folder))
+
 
 def _description(directory: Path) -> dict:
     try:

@@ -74,6 +74,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_compress(args) -> int:
     from . import compile
+    from .artifact import tokenizer_extra
     from .checkpoint import save_compressed
     from .recipe import load_recipe
 
@@ -82,14 +83,14 @@ def cmd_compress(args) -> int:
     model, tok, batch = _load(args.model)
     calibration = calibration_for(recipe, tok, args.model)
     cooked = compile(model, recipe.build(calibration=calibration), example_inputs=calibration[0])
-    save_compressed(cooked, out, recipe=Path(args.recipe))
-    print(cooked.report(per_layer=args.per_layer))
-    if args.onnx:
+    extras = tokenizer_extra(tok)
+    if args.onnx:  # inside the artifact, so its manifest covers it
         from fxcook.runtime import onnx as onnx_rt
 
-        onnx_rt.export(cooked, out / "model.onnx", example_inputs=batch)
-        print(f"wrote {out / 'model.onnx'}")
-    print(f"wrote {out}")
+        extras["model.onnx"] = lambda path: onnx_rt.export(cooked, path, example_inputs=batch)
+    save_compressed(cooked, out, recipe=Path(args.recipe), extras=extras)
+    print(cooked.report(per_layer=args.per_layer))
+    print(f"wrote {out}" + (f" (with {out / 'model.onnx'})" if args.onnx else ""))
     return 0
 
 

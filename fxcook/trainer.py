@@ -491,7 +491,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fxcook train` (launch with torchrun --nproc_per_node N for FSDP2)."""
     from .cli import at_least
 
-    parser.add_argument("--model", default="minilm", help="'minilm' or a local HF model directory")
+    parser.add_argument("--model", default="minilm",
+                        help="'minilm', a local HF model directory, or a directory fxcook saved (then --teacher)")
+    parser.add_argument("--teacher", help="the model to distil from (default: --model; required when --model "
+                                          "is a saved fxcook model)")
     parser.add_argument("--recipe", help="recipe YAML/JSON: passes to apply, plus an optional train: section")
     parser.add_argument("--data", default="shakespeare", help="a text file or directory, or 'shakespeare'")
     parser.add_argument("--out", required=True,
@@ -538,10 +541,12 @@ def _train_settings(args, recipe_train: dict) -> tuple[dict, dict]:
 def main(args: argparse.Namespace) -> int:
     """`fxcook train`: compress --model with --recipe, distill it from the original on --data, then
     save the trained model as a compressed artifact in --out/model (and --out/model.onnx with --onnx)."""
+    from .artifact import is_artifact, load, load_tokenizer, tokenizer_extra
     from .checkpoint import save_compressed, write_atomic
     from .data import calibration_for, check_known_tokens, lines_from
     from .models import example_batch, load_model
     from .paths import check_out_dir, model_dir
+    from .pipeline import apply
     from .pipeline import compile as fx_compile
 
     out = check_out_dir(Path(args.out), "--out", source=model_dir(args.model))
@@ -554,7 +559,13 @@ def main(args: argparse.Namespace) -> int:
         recipe_train = dict(recipe.train or {})
     settings, loss_cfg = _train_settings(args, recipe_train)
     rank, world, _ = init_distributed()
-    teacher, tokenizer = load_model(args.model)
+    saved = is_artifact(args.model)  # a model fxcook saved: train it further, distilling from --teacher
+    if saved and not args.teacher:
+        raise FxcookError(f"--model {args.model} is a saved fxcook model: give --teacher (the original model, "
+                          f"e.g. 'minilm' or its HF directory) to distil it from")
+    teacher, tokenizer = load_model(args.teacher or args.model)
+    if saved:
+        tokenizer = load_tokenizer(args.model)
     lines = lines_from(args.data, seed=settings["seed"])
     held_out = []
     if args.eval_lines > 0:  # lines[:-0] would be empty: split only when lines are held out
@@ -566,7 +577,7 @@ def main(args: argparse.Namespace) -> int:
     if recipe is not None:
         calibration = calibration_for(recipe, tokenizer, args.model)
         passes, example = recipe.build(calibration=calibration), calibration[0]
-    student = fx_compile(teacher, passes, example)
+    student = apply(load(args.model), passes) if saved else fx_compile(teacher, passes, example)
     spare = copy.deepcopy(student) if world > 1 and rank == 0 else None  # gathers the sharded result
     before = _fidelity(teacher, student, tokenizer, held_out)
     loss = DistillLoss(**loss_cfg)
@@ -580,7 +591,8 @@ def main(args: argparse.Namespace) -> int:
                    "final_loss": result.losses[-1] if result.losses else None, "before": before, "after": after}
         write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
         trained.cpu()
-        save_compressed(trained, out / "model", recipe=Path(args.recipe) if args.recipe else None)
+        save_compressed(trained, out / "model", recipe=Path(args.recipe) if args.recipe else None,
+                        extras=tokenizer_extra(tokenizer))
         print(f"wrote {out / 'model'}")
         if args.onnx:
             from fxcook.runtime import onnx as onnx_rt
