@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx import Graph
 from torch.export.unflatten import UnflattenedModule
 
+from .calling import Interface
 from .tracing import finalize
 from .passbase import Change
 from .sites import SiteIndex
@@ -35,14 +36,24 @@ class CookedModel(UnflattenedModule):
     sites: SiteIndex
     history: list[PassRecord]
     module_types: dict[str, str]
+    interface: Interface | None  # None: the original forward takes positional-only inputs; call as captured
 
     @classmethod
-    def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str]) -> "CookedModel":
+    def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str],
+              interface: Interface | None = None) -> "CookedModel":
         root.__class__ = cls
         root.sites = sites
         root.history = []
         root.module_types = module_types
+        root.interface = interface
         return root
+
+    def forward(self, *args, **kwargs):
+        """Called like the original model's forward (see `fxcook.calling`)."""
+        if self.interface is None:
+            return super().forward(*args, **kwargs)
+        inputs, as_tuple = self.interface.bind(args, kwargs)
+        return self.interface.finish(super().forward(**inputs), as_tuple)
 
     def __deepcopy__(self, memo: dict) -> "CookedModel":
         """A full copy; export's graph metadata (fake tensors, which cannot be copied) is shared.

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from . import tracing
+from . import calling, tracing
 from .cooked import CookedModel, PassRecord
-from .errors import FxcookError, PassError
+from .errors import CaptureError, FxcookError, PassError
 from .passbase import Pass
 from .report import activated_size, parameter_count
 from .sites import build_sites
@@ -21,11 +21,15 @@ def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> Coo
     original's parameters (halving peak memory for large models), so passes that rewrite weights
     (Sparsify's zeroing, SmoothQuant's scaling) and training change the original too.
     """
-    ep = tracing.export(model, example_inputs)
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    plan = calling.plan(model, example_inputs)
+    ep = tracing.export(model, example_inputs if plan is None else plan.example)
     root = tracing.unflatten(ep, model, inplace=inplace)
     sites = build_sites(ep, root, model)
     types = {path: type(m).__name__ for path, m in model.named_modules()}
-    return CookedModel.adopt(root, sites, types).train(model.training)
+    iface = None if plan is None else calling.interface(model, plan, ep)
+    return CookedModel.adopt(root, sites, types, iface).train(model.training)
 
 
 def check_order(passes: Sequence[Pass]) -> None:

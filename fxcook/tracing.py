@@ -53,7 +53,7 @@ def dynamic_spec(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _capture_mode(model: nn.Module):
+def capture_mode(model: nn.Module):
     """Capture the inference graph (no dropout) without a KV cache (HF cache objects are not
     pytrees); restore every module's mode and the config afterwards."""
     modes = [(m, m.training) for m in model.modules()]
@@ -99,7 +99,7 @@ def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch
             raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
         shapes = {k: pytree.tree_map(dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
                   for k, v in bound.items()}
-    with _capture_mode(model):
+    with capture_mode(model):
         try:
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # export raises many types; all become one clear error
