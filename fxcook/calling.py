@@ -48,7 +48,7 @@ class Interface:
     fills: dict[str, Fill] = field(default_factory=dict)
     ignored: frozenset[str] = frozenset()
 
-    def __deepcopy__(self, memo: dict) -> "Interface":
+    def __deepcopy__(self, memo: dict) -> Interface:
         return self  # immutable
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict[str, Any], bool]:
@@ -127,7 +127,7 @@ def _run(model: nn.Module, kwargs: dict[str, Any]) -> Any:
     """The original's output on `kwargs`, or None when it refuses them."""
     try:
         return model(**kwargs)
-    except Exception:  # a refused input combination is an answer here, not an error
+    except Exception:  # noqa: BLE001 -- a refused input combination is an answer here, not an error
         return None
 
 

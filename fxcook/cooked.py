@@ -10,13 +10,13 @@ import copy
 from dataclasses import dataclass, field
 
 from torch import nn
-from torch.fx import Graph
 from torch.export.unflatten import UnflattenedModule
+from torch.fx import Graph
 
 from .calling import Interface
-from .tracing import finalize
 from .passbase import Change
 from .sites import SiteIndex
+from .tracing import finalize
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CookedModel(UnflattenedModule):
 
     @classmethod
     def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str],
-              interface: Interface | None = None) -> "CookedModel":
+              interface: Interface | None = None) -> CookedModel:
         root.__class__ = cls
         root.sites = sites
         root.history = []
@@ -55,7 +55,7 @@ class CookedModel(UnflattenedModule):
         inputs, as_tuple = self.interface.bind(args, kwargs)
         return self.interface.finish(super().forward(**inputs), as_tuple)
 
-    def __deepcopy__(self, memo: dict) -> "CookedModel":
+    def __deepcopy__(self, memo: dict) -> CookedModel:
         """A full copy; export's graph metadata (fake tensors, which cannot be copied) is shared.
 
         Graphs are copied first (fx's Graph.__deepcopy__ shares each node's metadata values), and each old
