@@ -56,7 +56,8 @@ class Interface:
         try:
             given = dict(self.signature.bind(*args, **kwargs).arguments)
         except TypeError as e:
-            raise FxcookError(f"{self.owner} called with arguments its forward{self.signature} does not take: {e}") from e
+            raise FxcookError(f"{self.owner} called with arguments its forward{self.signature} does not take: "
+                              f"{e}") from e
         given.update(given.pop(_var_keyword(self.signature) or "", {}))
         out = {name: given.pop(name) for name in self.inputs if given.get(name) is not None}
         for name in self.inputs:
@@ -81,10 +82,15 @@ class Interface:
                 continue
             if name == "return_dict" and value is False:
                 as_tuple = True
-            elif value not in NO_EFFECT.get(name, ()):
+            elif isinstance(value, torch.Tensor):
                 raise FxcookError(
                     f"{self.owner}: input {name}={_show(value)} was not in the example inputs at capture, so the "
                     f"captured graph cannot take it; capture with {name} in example_inputs, or leave it out"
+                )
+            elif value not in NO_EFFECT.get(name, ()):
+                raise FxcookError(
+                    f"{self.owner}: option {name}={value!r} changes what the model computes, and a captured graph "
+                    f"takes tensor inputs only; leave {name} out (fxcook captures the model's default behaviour)"
                 )
         return as_tuple
 
@@ -105,6 +111,10 @@ def _var_keyword(sig: inspect.Signature) -> str | None:
 def _is_default(sig: inspect.Signature, name: str, value: Any) -> bool:
     p = sig.parameters.get(name)
     return p is not None and p.default is not EMPTY and not isinstance(value, torch.Tensor) and value == p.default
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 def _show(value: Any) -> str:
@@ -177,10 +187,10 @@ def plan(model: nn.Module, example_inputs: Any) -> Plan | None:
     except TypeError as e:
         raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
     extra = given.pop(_var_keyword(sig) or "", {})
-    flags = {k: v for k, v in {**given, **extra}.items() if not isinstance(v, torch.Tensor)}
+    flags = {k: v for k, v in {**given, **extra}.items() if not _has_tensor(v)}
     Interface(type(model).__name__, sig, ())._flags(flags)  # the same rules as at call time
-    named = {k: v for k, v in given.items() if isinstance(v, torch.Tensor)}
-    extra = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
+    named = {k: v for k, v in given.items() if _has_tensor(v)}
+    extra = {k: v for k, v in extra.items() if _has_tensor(v)}
     with capture_mode(model):
         return _probe(model, Plan(_plain(sig), named), extra)
 
@@ -196,7 +206,8 @@ def _probe(model: nn.Module, p: Plan, extra: dict[str, torch.Tensor]) -> Plan:
         warnings.warn(f"{name}: {sorted(extra)} reach forward through **kwargs and do not change its output; "
                       "the captured graph leaves them out", stacklevel=4)
         p.ignored |= set(extra)
-    for key in [k for k in p.example if p.signature.parameters[k].default is None]:
+    params = p.signature.parameters
+    for key in [k for k, v in p.example.items() if isinstance(v, torch.Tensor) and params[k].default is None]:
         rest = {k: v for k, v in p.example.items() if k != key}
         without = _run(model, rest)
         found = without is not None and _neutral(model, rest, key, p.example[key], without)
@@ -234,7 +245,7 @@ def _input_shapes(ep: torch.export.ExportedProgram) -> dict[str, tuple[str, ...]
 def _fits(p: Plan, shapes: dict[str, tuple[str, ...]], key: str, like: str) -> bool:
     """True when an input of `like`'s shape fits `key` in the graph: the same shape in the example, and each
     dim of `key` is `like`'s dim or one the graph leaves free (a broadcast dim no other input has)."""
-    if like == key or p.example[like].shape != p.example[key].shape or like not in shapes or key not in shapes:
+    if like == key or like not in shapes or key not in shapes or p.example[like].shape != p.example[key].shape:
         return False
     others = [d for k, dims in shapes.items() if k != key for d in dims]
     return all(a == b or a not in others for a, b in zip(shapes[key], shapes[like]))

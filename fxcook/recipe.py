@@ -231,4 +231,5 @@ def _require_passes(passes: list[dict], source: str) -> None:
     for item in passes:
         (name, _), = item.items()
         if name not in REGISTRY:
-            raise NotSupportedYet(f"{source}: the BMCook config maps to fxcook pass {name!r}, which is not supported yet")
+            raise NotSupportedYet(f"{source}: the BMCook config maps to fxcook pass {name!r}, which is not "
+                                  "supported yet")

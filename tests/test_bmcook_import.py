@@ -16,8 +16,10 @@ PRUNE = {
     "distillation": {
         "ce_scale": 0,
         "mse_hidn_scale": 0,
-        "mse_hidn_module": ["[post]encoder.output_layernorm:[post]encoder.output_layernorm",
-                            "[pre]encoder.layers.9.ffn.layernorm_before_ffn:[pre]encoder.layers.9.ffn.layernorm_before_ffn"],
+        "mse_hidn_module": [
+            "[post]encoder.output_layernorm:[post]encoder.output_layernorm",
+            "[pre]encoder.layers.9.ffn.layernorm_before_ffn:[pre]encoder.layers.9.ffn.layernorm_before_ffn",
+        ],
         "mse_hidn_proj": False,
     },
     "pruning": {"is_pruning": True, "pruning_mask_path": "prune_example.bin", "pruned_module": ["encoder.layers.0"],
@@ -76,7 +78,8 @@ def test_combined_config_maps_every_section(tmp_path):
     ("pruning", "mask_method", "sprune", "BMCook key 'pruning.mask_method' = 'sprune' is not mapped"),
     ("distillation", "mse_hidn_proj", True, "BMCook key 'distillation.mse_hidn_proj' = true is not mapped"),
     ("distillation", "mse_att_scale", 1.0, "BMCook key 'distillation.mse_att_scale' = 1.0 is not mapped"),
-    ("MoEfication", "first_FFN_module", "ffn", "BMCook key 'MoEfication.first_FFN_module': Input should be a valid list"),
+    ("MoEfication", "first_FFN_module", "ffn",
+     "BMCook key 'MoEfication.first_FFN_module': Input should be a valid list"),
 ])
 @pytest.mark.filterwarnings("ignore:.*pruning_mask_path")
 def test_keys_fxcook_does_not_map_are_named(tmp_path, section, key, value, named):
