@@ -81,7 +81,6 @@ class Select(BaseModel):
     def resolve(self, cooked) -> list[Site]:
         """The matching sites of `cooked` in graph order; SelectorError if there are none, or if one of
         the patterns matches no site of the model at all."""
-        self._check_patterns(cooked)
         candidates = cooked.sites.find(self.kind)
         if self.scope == "blocks":
             candidates = [s for s in candidates if cooked.sites.block_of(s.path) is not None]
@@ -95,6 +94,7 @@ class Select(BaseModel):
             out.append(site)
         if not out:
             raise SelectorError(self._nothing_matched(cooked, candidates))
+        self._check_patterns(cooked)
         return out
 
     def _check_patterns(self, cooked) -> None:
@@ -104,7 +104,7 @@ class Select(BaseModel):
                 if not any(match(p, q) for q in every):
                     raise SelectorError(
                         f"selector {key} pattern {p!r} matches no site of the model ({len(every)} site paths); "
-                        f"fix or remove it. Nearest paths: {', '.join(nearest(p, every)) or 'none'}"
+                        f"fix or remove it; nearest paths: {', '.join(nearest(p, every)) or 'none'}"
                     )
 
     def _nothing_matched(self, cooked, candidates: list[Site]) -> str:

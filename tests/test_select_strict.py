@@ -26,7 +26,7 @@ def test_mistyped_exclude_is_refused_naming_the_pattern(bert):
     assert isinstance(err.value.__cause__, SelectorError)
     msg = str(err.value)
     assert f"exclude pattern {LAYER0_FFN[:-1]!r} matches no site of the model" in msg
-    assert f"Nearest paths: {LAYER0_FFN}" in msg
+    assert f"nearest paths: {LAYER0_FFN}" in msg
 
 
 def test_right_exclude_keeps_the_layer(bert):
