@@ -1,4 +1,6 @@
 """fxcook: model compression as explicit, composable, verifiable FX graph passes."""
+import importlib
+
 from .errors import (CaptureError, FxcookError, NotSupportedYet, PassError, PreconditionError,
                      RecipeError, SelectorError)
 from .cooked import CookedModel
@@ -21,8 +23,13 @@ def load_recipe(path):
     return _load(path)
 
 
+SUBMODULES = ("passes", "runtime")  # heavy (every pass; ONNX/TensorRT backends): imported on first use
+
+
 def __getattr__(name):
-    # Training and losses pull in torch.distributed; load them on first use.
+    # Submodules, training and losses pull in much more than capture needs; load them on first use.
+    if name in SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     if name == "train":
         from .trainer import train
         return train

@@ -10,12 +10,13 @@ import copy
 from dataclasses import dataclass, field
 
 from torch import nn
-from torch.fx import Graph
 from torch.export.unflatten import UnflattenedModule
+from torch.fx import Graph
 
-from .tracing import finalize
+from .calling import Interface
 from .passbase import Change
 from .sites import SiteIndex
+from .tracing import finalize
 
 
 @dataclass
@@ -35,16 +36,26 @@ class CookedModel(UnflattenedModule):
     sites: SiteIndex
     history: list[PassRecord]
     module_types: dict[str, str]
+    interface: Interface | None  # None: the original forward takes positional-only inputs; call as captured
 
     @classmethod
-    def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str]) -> "CookedModel":
+    def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str],
+              interface: Interface | None = None) -> CookedModel:
         root.__class__ = cls
         root.sites = sites
         root.history = []
         root.module_types = module_types
+        root.interface = interface
         return root
 
-    def __deepcopy__(self, memo: dict) -> "CookedModel":
+    def forward(self, *args, **kwargs):
+        """Called like the original model's forward (see `fxcook.calling`)."""
+        if self.interface is None:
+            return super().forward(*args, **kwargs)
+        inputs, as_tuple = self.interface.bind(args, kwargs)
+        return self.interface.finish(super().forward(**inputs), as_tuple)
+
+    def __deepcopy__(self, memo: dict) -> CookedModel:
         """A full copy; export's graph metadata (fake tensors, which cannot be copied) is shared.
 
         Graphs are copied first (fx's Graph.__deepcopy__ shares each node's metadata values), and each old

@@ -1,15 +1,15 @@
 """`compile`: capture, then run passes in order with ordering checks, lint and a change log."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from . import tracing
+from . import calling, tracing
 from .artifact import Origin
 from .cooked import CookedModel, PassRecord
-from .errors import FxcookError, PassError
+from .errors import CaptureError, FxcookError, PassError
 from .passbase import Pass
 from .report import activated_size, parameter_count
 from .sites import build_sites
@@ -22,20 +22,39 @@ def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> Coo
     original's parameters (halving peak memory for large models), so passes that rewrite weights
     (Sparsify's zeroing, SmoothQuant's scaling) and training change the original too.
     """
-    ep = tracing.export(model, example_inputs)
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    plan = calling.plan(model, example_inputs)
+    ep = tracing.export(model, example_inputs if plan is None else plan.example)
     root = tracing.unflatten(ep, model, inplace=inplace)
     sites = build_sites(ep, root, model)
     types = {path: type(m).__name__ for path, m in model.named_modules()}
-    cooked = CookedModel.adopt(root, sites, types).train(model.training)
+    iface = None if plan is None else calling.interface(model, plan, ep)
+    cooked = CookedModel.adopt(root, sites, types, iface).train(model.training)
     cooked.origin = Origin.of(model, example_inputs)  # what fxcook.save needs to rebuild it
     return cooked
+
+
+def pipeline(passes: Iterable[Pass]) -> list[Pass]:
+    """`passes` as a checked list: any iterable of passes (a generator is read once, here); a single pass,
+    a non-pass item, passes out of order or calibration that is not a list of batches is an error."""
+    if isinstance(passes, Pass):
+        raise PassError(f"passes must be a list of passes, got the single pass {passes!r}; pass [{passes!r}]")
+    if isinstance(passes, (str, bytes, Mapping)) or not isinstance(passes, Iterable):
+        raise PassError(f"passes must be a list of fxcook passes, got {type(passes).__name__}")
+    passes = list(passes)
+    for i, p in enumerate(passes):
+        if not isinstance(p, Pass):
+            raise PassError(f"pipeline item {i} is {type(p).__name__}, not a fxcook Pass")
+        if getattr(p, "calibration", None) is not None:
+            tracing.check_calibration(p.calibration, f"pass {p.name!r} (pipeline item {i})")
+    check_order(passes)
+    return passes
 
 
 def check_order(passes: Sequence[Pass]) -> None:
     """Each pass's `after` names must not appear later in the list (ordering within one pipeline)."""
     for i, p in enumerate(passes):
-        if not isinstance(p, Pass):
-            raise PassError(f"pipeline item {i} is {type(p).__name__}, not a fxcook Pass")
         later = [q.name for q in passes[i + 1:]]
         for name in p.after:
             if name in later:
@@ -43,12 +62,12 @@ def check_order(passes: Sequence[Pass]) -> None:
                                 f"in the pipeline {[q.name for q in passes]}")
 
 
-def apply(cooked: CookedModel, passes: Sequence[Pass]) -> CookedModel:
+def apply(cooked: CookedModel, passes: Iterable[Pass]) -> CookedModel:
     """Run `passes` on `cooked` in place, in order; each is checked, linted, recompiled and logged.
 
     A failing pass leaves `cooked` as far as it got (compile's copy, never the user's model).
     """
-    check_order(passes)
+    passes = pipeline(passes)
     for p in passes:
         ran = [r.spec for r in cooked.history]
         try:
@@ -64,10 +83,11 @@ def apply(cooked: CookedModel, passes: Sequence[Pass]) -> CookedModel:
     return cooked
 
 
-def compile(model: nn.Module, passes: Sequence[Pass] = (), example_inputs: Any = None,
+def compile(model: nn.Module, passes: Iterable[Pass] = (), example_inputs: Any = None,
             inplace: bool = False) -> CookedModel:
-    """Capture `model` and apply `passes`; returns a CookedModel called like the original."""
+    """Capture `model` and apply `passes` (a list, or any iterable of passes); returns a CookedModel called
+    like the original."""
     if example_inputs is None:
         raise FxcookError("compile needs example_inputs (a batch the model accepts) to capture the graph")
-    check_order(passes)  # before the capture, which is the slow part
+    passes = pipeline(passes)  # before the capture, which is the slow part
     return apply(capture(model, example_inputs, inplace=inplace), passes)

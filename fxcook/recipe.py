@@ -7,12 +7,15 @@
     train: {...}            # options of `fxcook train`
 
 Errors name the key at fault (`passes[1].quantize.method: ...`). `from_bmcook` imports BMCook's JSON
-config; a technique fxcook maps but has not built yet raises NotSupportedYet, never a silent skip.
+config (its README's keys; a key or value fxcook does not map is a RecipeError naming it); a technique
+fxcook maps but has not built yet raises NotSupportedYet, never a silent skip.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,44 +99,137 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data, str(path))
 
 
-# BMCook config key -> (fxcook pass, flag that switches it on)
-BMCOOK_KEYS = {"quantization": ("quantize", "is_quant"), "pruning": ("sparsify", "is_pruning"),
-               "MoEfication": ("moefy", "is_moefy"), "distillation": ("tap", None)}
+class _BMCookSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BMCookPruning(_BMCookSection):
+    is_pruning: bool = False
+    pruning_mask_path: str | None = None  # BMCook's mask file; fxcook keeps masks in the saved model
+    pruned_module: list[str] = []
+    mask_method: str = "m4n2_1d"
+    sprune: dict[str, Any] | None = None  # read by BMCook only with mask_method "sprune"
+
+
+class BMCookQuantization(_BMCookSection):
+    is_quant: bool = False
+    quantized_module: list[str] = []
+
+
+class BMCookMoEfication(_BMCookSection):
+    is_moefy: bool = False
+    first_FFN_module: list[str] = []
+    experts: int | None = None  # fxcook's additions: BMCook takes these on its command line
+    top_k: int | None = None
+
+
+class BMCookDistillation(_BMCookSection):
+    ce_scale: float = 0.0
+    ce_temp: float = 1.0
+    mse_hidn_scale: float = 0.0
+    mse_hidn_module: list[str] = []
+    mse_hidn_proj: bool = False
+    mse_att_scale: float = 0.0
+    mse_att_module: list[str] = []
+
+
+class BMCookConfig(_BMCookSection):
+    """BMCook's JSON config (its README's schema); a section's switch off means BMCook ignores its values."""
+
+    distillation: BMCookDistillation = BMCookDistillation()
+    pruning: BMCookPruning = BMCookPruning()
+    quantization: BMCookQuantization = BMCookQuantization()
+    MoEfication: BMCookMoEfication = BMCookMoEfication()
+
+
+BMCOOK_KEYS = tuple(BMCookConfig.model_fields)
+BMCOOK_MASK_METHODS = ("m4n2_1d", "m4n2_2d")
 
 
 def from_bmcook(config: dict, source: str = "<bmcook>") -> dict:
-    """Translate BMCook's JSON config into an fxcook recipe mapping."""
-    from fxcook.passes import REGISTRY
+    """Translate BMCook's JSON config into an fxcook recipe mapping.
 
-    unknown = set(config) - set(BMCOOK_KEYS)
-    if unknown:
-        raise RecipeError(f"{source}: unknown BMCook key(s) {sorted(unknown)}; known: {sorted(BMCOOK_KEYS)}")
-    passes, train = [], None
-    for key in ("pruning", "quantization", "MoEfication"):
-        section = config.get(key) or {}
-        name, flag = BMCOOK_KEYS[key]
-        if not section.get(flag):
-            continue
-        if name not in REGISTRY:
-            raise NotSupportedYet(f"{source}: BMCook key {key!r} maps to fxcook pass {name!r}, which is not supported yet")
-        passes.append({name: _bmcook_pass(key, section)})
-    distill = config.get("distillation") or {}
-    pairs = list(distill.get("mse_hidn_module") or [])
-    if distill.get("ce_scale") or distill.get("mse_hidn_scale"):
-        if "tap" not in REGISTRY:
-            raise NotSupportedYet(f"{source}: BMCook key 'distillation' maps to fxcook pass 'tap', which is not supported yet")
-        if pairs:
-            passes.append({"tap": {"taps": pairs}})
-        train = {"loss": {"kl": float(distill.get("ce_scale", 0)), "hidden_mse": float(distill.get("mse_hidn_scale", 0)),
-                          "temperature": float(distill.get("ce_temp", 1.0))}}
+    Every key is BMCook's; one fxcook cannot honour (a typo, `bits`, `mse_hidn_proj: true`, sprune) is
+    a RecipeError naming it. Module lists keep BMCook's meaning (a substring of the parameter name).
+    """
+    try:
+        cfg = BMCookConfig(**config)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_explain_bmcook(e)}") from e
+    passes = []
+    if cfg.pruning.is_pruning:
+        passes.append({"sparsify": _bmcook_pruning(cfg.pruning, source)})
+    if cfg.quantization.is_quant:
+        passes.append({"quantize": _bmcook_select(cfg.quantization.quantized_module)})
+    if cfg.MoEfication.is_moefy:
+        passes.append({"moefy": _bmcook_moefication(cfg.MoEfication, source)})
+    tap, train = _bmcook_distillation(cfg.distillation, source)
+    passes += tap
+    _require_passes(passes, source)
     return {"passes": passes, "train": train}
 
 
-def _bmcook_pass(key: str, section: dict) -> dict:
-    modules = section.get("quantized_module") or section.get("pruned_module") or section.get("first_FFN_module")
-    cfg: dict[str, Any] = {"include": modules} if modules else {}
-    if key == "pruning":
-        cfg.update(pattern="2:4", method=section.get("mask_method", "m4n2_1d"))
-    elif key == "MoEfication":
-        cfg.update({k: section[k] for k in ("experts", "top_k") if k in section})
-    return cfg
+def _explain_bmcook(err: ValidationError) -> str:
+    """Each error with its dotted key; an unknown key also lists the keys BMCook has there."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = BMCookConfig.model_fields.get(str(e["loc"][0])) if len(e["loc"]) > 1 else None
+            known = section.annotation.model_fields if section else BMCookConfig.model_fields
+            parts.append(f"unknown BMCook key {key!r} (known here: {', '.join(known)})")
+        else:
+            parts.append(f"BMCook key {key!r}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _bmcook_select(modules: list[str], kind: str = "linear") -> dict:
+    """BMCook selects parameters whose name contains a listed string: the same as a regex search on the
+    module path (a trailing `.weight` / `.bias` names the module's parameter)."""
+    if not modules:
+        return {}
+    names = [m.removesuffix(".weight").removesuffix(".bias") for m in modules]
+    return {"select": {"include": [f"re:{re.escape(n)}" for n in names], "kind": kind, "scope": "all"}}
+
+
+def _bmcook_moefication(section: BMCookMoEfication, source: str) -> dict:
+    missing = [k for k in ("experts", "top_k") if getattr(section, k) is None]
+    if missing:
+        raise RecipeError(f"{source}: BMCook key 'MoEfication' needs {' and '.join(missing)} for fxcook (BMCook "
+                          "takes the expert count and top-k on its command line); add them to the section")
+    return {"experts": section.experts, "top_k": section.top_k, **_bmcook_select(section.first_FFN_module, "ffn")}
+
+
+def _bmcook_pruning(section: BMCookPruning, source: str) -> dict:
+    if section.mask_method not in BMCOOK_MASK_METHODS:
+        raise RecipeError(f"{source}: BMCook key 'pruning.mask_method' = {section.mask_method!r} is not mapped by "
+                          f"fxcook; use one of {', '.join(BMCOOK_MASK_METHODS)}")
+    if section.pruning_mask_path:
+        warnings.warn(f"{source}: BMCook key 'pruning.pruning_mask_path' = {section.pruning_mask_path!r} is neither "
+                      "read nor written: fxcook computes the masks and keeps them in the saved model", stacklevel=3)
+    return {"pattern": "2:4", "method": section.mask_method, **_bmcook_select(section.pruned_module)}
+
+
+def _bmcook_distillation(section: BMCookDistillation, source: str) -> tuple[list[dict], dict | None]:
+    """The tap pass and train losses of BMCook's distillation (on when ce_scale or mse_hidn_scale > 0)."""
+    if not (section.ce_scale or section.mse_hidn_scale):
+        return [], None
+    unmapped = {"mse_hidn_proj": section.mse_hidn_proj, "mse_att_scale": section.mse_att_scale}
+    for key, value in unmapped.items():
+        if value:
+            raise RecipeError(f"{source}: BMCook key 'distillation.{key}' = {json.dumps(value)} is not mapped by "
+                              f"fxcook; set it to {json.dumps(type(value)())} (fxcook distils logits and tapped "
+                              "hidden states)")
+    tap = [{"tap": {"taps": section.mse_hidn_module}}] if section.mse_hidn_module else []
+    return tap, {"loss": {"kl": section.ce_scale, "hidden_mse": section.mse_hidn_scale,
+                          "temperature": section.ce_temp}}
+
+
+def _require_passes(passes: list[dict], source: str) -> None:
+    from fxcook.passes import REGISTRY
+
+    for item in passes:
+        (name, _), = item.items()
+        if name not in REGISTRY:
+            raise NotSupportedYet(f"{source}: the BMCook config maps to fxcook pass {name!r}, which is not "
+                                  "supported yet")

@@ -2,7 +2,9 @@
 
 Patterns are globs matched against the full module path or a dotted suffix of it, so BMCook-style
 names such as `intermediate.dense` work; a `re:` prefix makes a regular expression (searched).
-A selector that matches nothing is an error that lists the nearest paths, never a silent no-op.
+Every pattern must match some site of the model (of any kind, in or out of scope): a mistyped
+exclude would otherwise rewrite what the user meant to keep. A selector or pattern that matches
+nothing is an error that lists the most similar paths, never a silent no-op.
 """
 from __future__ import annotations
 
@@ -22,6 +24,17 @@ def match(pattern: str, path: str) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], path) is not None
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, "*." + pattern)
+
+
+def nearest(pattern: str, paths: list[str], n: int = 5) -> list[str]:
+    """The `n` paths most similar to `pattern` (difflib ratio to the path or any dotted suffix), best first."""
+    pat = pattern.removeprefix("re:")
+
+    def score(path: str) -> float:
+        parts = path.split(".")
+        return max(difflib.SequenceMatcher(None, pat, ".".join(parts[i:])).ratio() for i in range(len(parts)))
+
+    return sorted(dict.fromkeys(paths), key=score, reverse=True)[:n]
 
 
 def _as_list(v):
@@ -66,7 +79,8 @@ class Select(BaseModel):
         return [site.path, *extra]
 
     def resolve(self, cooked) -> list[Site]:
-        """The matching sites of `cooked` in graph order; SelectorError if there are none."""
+        """The matching sites of `cooked` in graph order; SelectorError if there are none, or if one of
+        the patterns matches no site of the model at all."""
         candidates = cooked.sites.find(self.kind)
         if self.scope == "blocks":
             candidates = [s for s in candidates if cooked.sites.block_of(s.path) is not None]
@@ -80,15 +94,23 @@ class Select(BaseModel):
             out.append(site)
         if not out:
             raise SelectorError(self._nothing_matched(cooked, candidates))
+        self._check_patterns(cooked)
         return out
+
+    def _check_patterns(self, cooked) -> None:
+        every = list(dict.fromkeys(q for kind in KINDS for s in cooked.sites.find(kind) for q in self._paths(s)))
+        for key in ("include", "exclude"):
+            for p in getattr(self, key):
+                if not any(match(p, q) for q in every):
+                    raise SelectorError(
+                        f"selector {key} pattern {p!r} matches no site of the model ({len(every)} site paths); "
+                        f"fix or remove it; nearest paths: {', '.join(nearest(p, every)) or 'none'}"
+                    )
 
     def _nothing_matched(self, cooked, candidates: list[Site]) -> str:
         every = [s.path for s in cooked.sites.find(self.kind)]
         pool = [s.path for s in candidates] or every
-        near = []
-        for p in self.include:
-            near += difflib.get_close_matches(p.removeprefix("re:"), pool, n=5, cutoff=0.3)
-        near = list(dict.fromkeys(near)) or pool[:5]
+        near = list(dict.fromkeys(q for p in self.include for q in nearest(p, pool)))[:5]
         where = " inside blocks" if self.scope == "blocks" else ""
         return (
             f"selector include={self.include} exclude={self.exclude} matched no {self.kind} site{where} "

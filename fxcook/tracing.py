@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+import linecache
+import os
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -19,7 +24,7 @@ from torch.export import Dim
 from torch.export.unflatten import InterpreterModule, UnflattenedModule
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, FxcookError
 from .nn import CookedLinear
 
 LINEAR_TYPES = ("Linear", "Conv1D")
@@ -45,6 +50,25 @@ def call_batch(model: Any, batch: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def check_calibration(calibration: Any, owner: str) -> None:
+    """Refuse calibration that is not an iterable of batches (a single batch iterates its keys or rows)."""
+    single = isinstance(calibration, (Mapping, torch.Tensor))
+    if single or isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        what = "a single batch" if single else "not an iterable of batches"
+        raise FxcookError(
+            f"{owner}: calibration is {type(calibration).__name__}, {what}; pass a list of batches (each a dict of "
+            f"keyword tensors, a tuple or a tensor), e.g. calibration=[batch]"
+        )
+
+
+def calibration_batches(calibration: Any, owner: str, limit: int | None = None) -> Iterator:
+    """The first `limit` batches of `calibration`, checked: the one way passes read calibration data.
+
+    Any iterable works (a generator is read once, so it serves one pass)."""
+    check_calibration(calibration, owner)
+    return itertools.islice(calibration, limit)
+
+
 def dynamic_spec(value: Any) -> Any:
     """Let export decide which of the batch and sequence dims are dynamic (Dim.AUTO)."""
     if isinstance(value, torch.Tensor):
@@ -53,7 +77,7 @@ def dynamic_spec(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _capture_mode(model: nn.Module):
+def capture_mode(model: nn.Module):
     """Capture the inference graph (no dropout) without a KV cache (HF cache objects are not
     pytrees); restore every module's mode and the config afterwards."""
     modes = [(m, m.training) for m in model.modules()]
@@ -70,20 +94,36 @@ def _capture_mode(model: nn.Module):
             c.use_cache = True
 
 
-def _blame(exc: BaseException, model: nn.Module) -> str:
-    """Name the innermost module of `model` whose forward raised `exc` (or its causes)."""
-    names = {id(m): (n or type(model).__name__) for n, m in model.named_modules()}
-    culprit, seen, e = None, set(), exc
+LIBRARY_DIRS = tuple(str(Path(m.__file__).parent) + os.sep for m in (torch, sys.modules[__package__]))
+
+
+def _tracebacks(exc: BaseException):
+    """Every traceback entry of `exc` and its causes, outermost exception first, innermost frame last."""
+    seen, e = set(), exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         tb = e.__traceback__
         while tb is not None:
-            owner = tb.tb_frame.f_locals.get("self")
-            if owner is not None and id(owner) in names:
-                culprit = f"{names[id(owner)]} ({type(owner).__name__}, line {tb.tb_lineno} of {tb.tb_frame.f_code.co_filename})"
+            yield tb
             tb = tb.tb_next
         e = e.__cause__ or e.__context__
-    return culprit or type(model).__name__
+
+
+def _blame(exc: BaseException, model: nn.Module) -> str:
+    """The innermost module of `model` whose forward raised `exc`, and the innermost line of model code
+    (outside torch and fxcook) on the way: the line the user can change."""
+    names = {id(m): (n or type(model).__name__) for n, m in model.named_modules()}
+    culprit, where = f"{type(model).__name__} ({type(model).__name__})", ""
+    for tb in _tracebacks(exc):
+        frame, code = tb.tb_frame, tb.tb_frame.f_code
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            culprit = f"{names[id(owner)]} ({type(owner).__name__})"
+        if not code.co_filename.startswith(LIBRARY_DIRS) and not code.co_filename.startswith("<"):
+            source = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+            qualname = getattr(code, "co_qualname", code.co_name)
+            where = f" at {code.co_filename}:{tb.tb_lineno} in {qualname} (`{source}`)"
+    return culprit + where
 
 
 def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch.export.ExportedProgram:
@@ -99,7 +139,7 @@ def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch
             raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
         shapes = {k: pytree.tree_map(dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
                   for k, v in bound.items()}
-    with _capture_mode(model):
+    with capture_mode(model):
         try:
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:  # export raises many types; all become one clear error

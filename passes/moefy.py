@@ -35,7 +35,7 @@ from fxcook.moe import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partit
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.select import Select
-from fxcook.tracing import call_batch, call_sites
+from fxcook.tracing import calibration_batches, call_batch, call_sites
 
 __all__ = ["Moefy"]
 
@@ -222,7 +222,8 @@ class Moefy(DataPass):
         hooks = [cooked.get_submodule(s.info["up"]).register_forward_pre_hook(hook_for(s.path)) for s in sites]
         try:
             total = min(len(self.calibration), cfg.calib_batches) if hasattr(self.calibration, "__len__") else None
-            for i, batch in enumerate(tqdm(self.calibration, desc="moefy calibration", total=total, leave=False)):
+            for i, batch in enumerate(tqdm(calibration_batches(self.calibration, self.name, cfg.calib_batches),
+                                           desc="moefy calibration", total=total, leave=False)):
                 if i >= cfg.calib_batches:
                     break
                 call_batch(cooked, batch)

@@ -19,7 +19,6 @@ their parameter path with the same include/exclude patterns and scope. SmoothQua
 """
 from __future__ import annotations
 
-import itertools
 from typing import Literal
 
 import torch
@@ -33,7 +32,7 @@ from fxcook.quant import OBSERVERS, WeightQuant, act_quantizer, calibrate, parse
 from fxcook.quant_embed import cook_embeddings
 from fxcook.quant_experts import quantize_experts, select_experts
 from fxcook.select import Select
-from fxcook.tracing import call_batch
+from fxcook.tracing import calibration_batches, call_batch
 
 __all__ = ["Quantize", "QuantizeConfig"]
 
@@ -133,7 +132,7 @@ class Quantize(DataPass):
             raise PreconditionError(f"quantize: {what} need calibration=<iterable of model inputs>")
 
     def _batches(self) -> list:
-        batches = list(itertools.islice(iter(self.calibration), self.config.calib_batches))
+        batches = list(calibration_batches(self.calibration, self.name, self.config.calib_batches))
         if not batches:
             raise PreconditionError("quantize: calibration got no data (the calibration iterable is empty)")
         return batches

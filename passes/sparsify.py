@@ -15,7 +15,6 @@ raw weights are kept (dormant, zero-gradient) until the mask is final, then zero
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterable
 from typing import Literal
 
@@ -28,7 +27,7 @@ from fxcook.masks import count_24_violations, make_mask
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.select import Select
-from fxcook.tracing import call_batch
+from fxcook.tracing import calibration_batches, call_batch
 
 __all__ = ["MaskState", "Schedule", "Sparsify", "activation_norms", "update_masks"]
 
@@ -241,7 +240,7 @@ class Sparsify(DataPass):
             state.norms = {p: torch.ones(m.in_features) for p, m in linears}
             return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
         # read the calibration iterable once: sequential Wanda uses it per block, and a generator would run dry
-        batches = list(itertools.islice(self.calibration, cfg.calib_batches)) if cfg.method == "wanda" else []
+        batches = list(calibration_batches(self.calibration, self.name, cfg.calib_batches)) if cfg.method == "wanda" else []
         if cfg.method == "wanda" and cfg.sequential:
             # Wanda's order: each block is calibrated on inputs produced by the already-pruned blocks before it
             groups: dict[str | None, list[str]] = {}
