@@ -174,6 +174,27 @@ def test_wanda_pass_prunes_by_weight_times_calibration_norm(pattern):
     assert unlike_magnitude > 0
 
 
+def _zhu_gupta(step, start, end, initial, final):
+    """Sparsity of the cubic ramp of Zhu & Gupta (2017): s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))**3."""
+    t = min(max(step, start), end)
+    return final + (initial - final) * (1 - (t - start) / (end - start)) ** 3
+
+
+@pytest.mark.parametrize("start,end,initial,halfway", [(0, 10, 0.0, 0.7), (5, 25, 0.2, 0.725)])
+def test_schedule_sparsity_is_the_cubic_ramp(start, end, initial, halfway):
+    model = cooked("bert")
+    p = Sparsify(pattern="unstructured", method="magnitude", sparsity=0.8,
+                 schedule={"start": start, "end": end, "every": 1, "initial": initial})
+    fxcook.apply(model, [p])
+    for step in range(0, end + 5):
+        assert p.state.sparsity_at(step) == pytest.approx(_zhu_gupta(step, start, end, initial, 0.8), abs=1e-12), step
+    half = (start + end) // 2  # halfway, a cubic ramp has gone 7/8 of the way; a linear one 1/2
+    assert p.state.sparsity_at(half) == pytest.approx(halfway)
+    update_masks(model, half)
+    for m in masked(model).values():
+        assert abs(m.density - (1 - halfway)) <= 1.0 / m.weight.numel() + 1e-6
+
+
 def test_unstructured_ramp_follows_the_cubic_schedule_then_freezes():
     model = cooked("bert")
     p = Sparsify(pattern="unstructured", method="magnitude", sparsity=0.8, schedule={"start": 0, "end": 10, "every": 2})
@@ -185,7 +206,7 @@ def test_unstructured_ramp_follows_the_cubic_schedule_then_freezes():
         changed = update_masks(model, step)
         if step % 2 == 0 and step <= 10:
             assert changed, step
-            target = 1 - p.state.sparsity_at(step)
+            target = 1 - _zhu_gupta(step, 0, 10, 0.0, 0.8)
             for m in layers.values():
                 assert abs(m.density - target) <= 1.0 / m.weight.numel() + 1e-6
             densities.append(next(iter(layers.values())).density)
