@@ -1,10 +1,10 @@
 """`inplace`: with it the cooked model shares the original's parameters; without it the original never changes."""
 import pytest
 import torch
+from fxcook.passes.sparsify import Sparsify
 
 import fxcook
 from fxcook.models import tiny_inputs, tiny_model
-from fxcook.passes.sparsify import Sparsify
 
 FAMILIES = ("bert", "llama")
 

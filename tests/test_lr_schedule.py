@@ -1,4 +1,5 @@
 """LR schedules: warmup, cosine, linear and constant against their closed forms, and as the trainer applies them."""
+import itertools
 import math
 
 import pytest
@@ -43,7 +44,7 @@ def test_decays_are_symmetric_and_monotone_after_warmup(steps, warmup, data):
     for schedule in ("cosine", "linear"):
         f = [lr_factor(s, steps, warmup, schedule) for s in range(warmup, steps + 1)]
         assert f[0] == 1.0 and f[-1] == pytest.approx(0.0, abs=1e-12)
-        assert all(a >= b for a, b in zip(f, f[1:])), schedule
+        assert all(a >= b for a, b in itertools.pairwise(f)), schedule
         assert f[k] + f[span - k] == pytest.approx(1.0), schedule  # point-symmetric about the midpoint
         assert [lr_factor(s, steps, warmup, schedule) for s in range(warmup)] == [(s + 1) / warmup for s in range(warmup)]
 

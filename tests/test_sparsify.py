@@ -186,7 +186,7 @@ def test_schedule_sparsity_is_the_cubic_ramp(start, end, initial, halfway):
     p = Sparsify(pattern="unstructured", method="magnitude", sparsity=0.8,
                  schedule={"start": start, "end": end, "every": 1, "initial": initial})
     fxcook.apply(model, [p])
-    for step in range(0, end + 5):
+    for step in range(end + 5):
         assert p.state.sparsity_at(step) == pytest.approx(_zhu_gupta(step, start, end, initial, 0.8), abs=1e-12), step
     half = (start + end) // 2  # halfway, a cubic ramp has gone 7/8 of the way; a linear one 1/2
     assert p.state.sparsity_at(half) == pytest.approx(halfway)

@@ -73,7 +73,7 @@ def test_path_matching_nothing_names_nearest():
 @given(st.sampled_from(["bert", "llama"]).flatmap(lambda f: model_and_inputs(family=f)), st.booleans())
 def test_taps_pass_gradients_through_unchanged(case, pre):
     """Distillation trains through taps: every parameter gets the gradient of the untapped model."""
-    fam, model, x, x2 = case
+    _, model, x, x2 = case
     plain = compile(model, [], x)
     tapped = compile(model, [], x)
     apply(tapped, [Tap(*(f"[{'pre' if pre else 'post'}]{s.path}" for s in tapped.sites.find("block")))])
