@@ -79,11 +79,39 @@ def test_attention_and_relation_match_manual_maps():
     assert terms["relation"] == pytest.approx(manual(v, v, vt, vt), rel=1e-4)
 
 
-def test_gqa_keys_are_shared_across_query_heads():
-    q, k = torch.randn(1, 4, 8), torch.randn(1, 4, 4)
-    out = _masked_softmax_logits(q, k, 4, torch.ones(1, 4), causal=True)
-    assert out.shape == (1, 4, 4, 4)
-    assert torch.all(out.exp()[..., 0, 1:] == 0)  # causal: the first query sees only itself
+def _gqa_reference(q, k, heads, mask, causal):
+    """Attention probabilities by loops: query head h reads key head h // (heads / kv_heads), as HF's GQA."""
+    bsz, seq, width = q.shape
+    d = width // heads
+    group = heads // (k.shape[-1] // d)
+    out = torch.zeros(bsz, heads, seq, seq)
+    for b in range(bsz):
+        for h in range(heads):
+            kh = h // group
+            for i in range(seq):
+                seen = [j for j in range(seq) if mask[b, j] and (not causal or j <= i)]
+                logits = torch.stack([q[b, i, h * d:(h + 1) * d] @ k[b, j, kh * d:(kh + 1) * d] for j in seen])
+                out[b, h, i, seen] = torch.softmax(logits / math.sqrt(d), -1)
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_keys_are_shared_by_consecutive_query_heads(causal):
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 6, generator=g)  # 6 query heads, 3 kv heads
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    got = _masked_softmax_logits(q, k, 6, mask, causal).exp()
+    want = _gqa_reference(q, k, 6, mask, causal)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the attention loss of a GQA student against an MHA teacher uses the same maps
+    qt, kt = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
+    names_s, names_t = ("[post]s.q", "[post]s.k", "[post]s.v"), ("[post]t.q", "[post]t.k", "[post]t.v")
+    loss = _bound(qkv=[(names_s, names_t)], heads=6, attention=1.0, causal=causal)
+    _, terms = loss({"attention_mask": mask}, None, dict(zip(names_s, (q, k, k))), None,
+                    dict(zip(names_t, (qt, kt, kt))))
+    ps, pt = want, _gqa_reference(qt, kt, 6, mask, causal)
+    kl = (pt * (pt.clamp_min(1e-30).log() - ps.clamp_min(1e-30).log())).sum(-1).mean(1)  # [B, S], per query
+    assert terms["attention"] == pytest.approx(float((kl * mask).sum() / mask.sum()), rel=1e-4)
 
 
 def test_lm_loss_is_cross_entropy_on_shifted_tokens():

@@ -92,6 +92,48 @@ def test_wanda_24_and_unstructured(w, seed):
     assert (mu.sum(1) == w.shape[1] - round(w.shape[1] * 0.5)).all()  # per output row
 
 
+def _top2_by_sorting(score):
+    """Reference 2:4 keep-mask: per group of 4, the positions of the two largest scores (by a full sort)."""
+    groups = score.reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    for i, g in enumerate(groups.tolist()):
+        for j in sorted(range(4), key=lambda j: -g[j])[:2]:
+            keep[i, j] = True
+    return keep.reshape(score.shape)
+
+
+def _untied(groups):
+    return torch.tensor([len(set(g)) == 4 for g in groups.tolist()], dtype=torch.bool)
+
+
+@SETTINGS
+@given(weights(), st.integers(0, 2**31 - 1))
+def test_wanda_keeps_the_top_two_of_weight_times_activation_norm(w, seed):
+    norm = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(seed)) * 10 + 0.01
+    mask = M.wanda(w, norm, "2:4")
+    score = (w.abs() * norm).reshape(-1, 4)
+    kept_min = torch.where(mask.reshape(-1, 4), score, torch.inf).min(1).values
+    dropped_max = torch.where(~mask.reshape(-1, 4), score, -torch.inf).max(1).values
+    assert (kept_min >= dropped_max).all()
+    distinct = _untied(score)  # groups without ties have one right answer
+    ref = _top2_by_sorting(score)
+    assert torch.equal(mask.reshape(-1, 4)[distinct], ref[distinct])
+    magnitude = M.m4n2_1d(w).reshape(-1, 4)
+    a = w.abs().reshape(-1, 4)
+    differ = distinct & _untied(a) & (ref != _top2_by_sorting(a)).any(1)
+    assert (mask.reshape(-1, 4)[differ] != magnitude[differ]).any(1).all()  # the norms changed the choice there
+
+
+def test_wanda_follows_the_norms_where_magnitude_would_not():
+    w = torch.tensor([[4.0, 3.0, 2.0, 1.0, 1.0, 2.0, 3.0, 4.0]])
+    norm = torch.tensor([1.0, 1.0, 10.0, 10.0, 1.0, 1.0, 1.0, 1.0])
+    assert M.wanda(w, norm, "2:4").tolist() == [[False, False, True, True, False, False, True, True]]
+    assert M.m4n2_1d(w).tolist() == [[True, True, False, False, False, False, True, True]]
+    # unstructured, per output row: scores 4 3 20 10 1 2 3 4 -> the 4 largest of the row
+    assert M.wanda(w, norm, "unstructured", 0.5).tolist() == [[True, False, True, True, False, False, False, True]]
+    assert M.make_mask(w, "wanda", "2:4", act_norm=norm).tolist() == M.wanda(w, norm, "2:4").tolist()
+
+
 def test_mask_errors_name_the_problem():
     with pytest.raises(ValueError, match="multiple of 4"):
         M.m4n2_1d(torch.randn(4, 6))

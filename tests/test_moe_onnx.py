@@ -16,6 +16,7 @@ from fxcook.ops import load_all
 from fxcook.passes import Moefy, Quantize, Relufy
 from fxcook.quant import WeightQuant
 from fxcook.runtime.onnx import export, session
+from strategies import assert_ort_matches_int8
 
 
 def _moe(d, width, experts, k, gated, act, int8, seed):
@@ -59,9 +60,10 @@ def test_moefied_model_exports_and_runs_in_ort(tmp_path):
     sess = session(path)
     names = [i.name for i in sess.get_inputs()]
     got = sess.run(None, {n: inputs[n].numpy() for n in names})[0]
+    unquantized = fxcook.compile(model, [Relufy(), Moefy(calibration=[inputs], experts=4, top_k=2, epochs=3)],
+                                 example_inputs=inputs)
     with torch.no_grad():
-        want = cooked(**inputs).last_hidden_state.numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+        assert_ort_matches_int8(got, cooked(**inputs).last_hidden_state, unquantized(**inputs).last_hidden_state)
 
 
 @pytest.mark.parametrize("gated, act, words", [(True, "relu", "only has SwiGLU"), (False, "gelu", "tanh approximation")])

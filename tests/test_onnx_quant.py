@@ -1,7 +1,6 @@
 """ONNX lowering of Quantize: integer GEMMs fused by ONNX Runtime, outputs equal to torch fake-quant."""
 from collections import Counter
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -14,6 +13,7 @@ from fxcook.passes import Quantize
 from fxcook.passes.quantize import _input_of
 from fxcook.quant import DynamicTensorQuant, TokenQuant
 from fxcook.runtime import onnx as fxonnx
+from strategies import assert_ort_matches_int8
 
 
 def run_ort(path, x):
@@ -59,10 +59,8 @@ def test_ort_fuses_every_gemm_and_matches_fake_quant(tmp_path_factory, cfg, seed
     x2 = tiny_inputs("bert", batch=3, seq=5, seed=seed + 7, pad=2)
     with torch.no_grad():
         ref = cooked(**x2).last_hidden_state.numpy()
-    got = run_ort(path, x2)
-    assert got.shape == ref.shape
-    # float reassociation may flip a rounding somewhere inside; bounded by a few int8 steps
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+        unquantized = model(**x2).last_hidden_state.numpy()
+    assert_ort_matches_int8(run_ort(path, x2), ref, unquantized)
 
 
 def test_weights_are_int8_per_channel_axis0(tmp_path):
@@ -77,9 +75,8 @@ def test_weights_are_int8_per_channel_axis0(tmp_path):
         w, s = inits[n.input[0]], inits[n.input[1]]
         assert w.data_type == onnx.TensorProto.INT8 and list(s.dims) == [w.dims[0]]
         assert {a.name: a.i for a in n.attribute}.get("axis", 1) == 0
-    got = run_ort(path, x)
     with torch.no_grad():
-        np.testing.assert_allclose(got, cooked(**x).last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+        assert_ort_matches_int8(run_ort(path, x), cooked(**x).last_hidden_state, model(**x).last_hidden_state)
 
 
 def test_minilm_int8_every_block_gemm_is_an_integer_kernel(minilm, tmp_path):
@@ -95,7 +92,9 @@ def test_minilm_int8_every_block_gemm_is_an_integer_kernel(minilm, tmp_path):
         ref = cooked(**x).last_hidden_state
     got = torch.from_numpy(run_ort(path, x))
     cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min()
-    assert cos > 0.995  # rounding flips from float reassociation compound over 6 layers
+    # no tight bound holds here: one rounding flip from float reassociation (measured in layer 2) spreads through
+    # attention and re-quantization over the 6 layers into noise as large as the quantization error itself
+    assert cos > 0.995
 
 
 def test_export_needs_example_inputs(tmp_path):

@@ -69,7 +69,7 @@ def test_onnx_gathers_int8_rows_and_matches_torch(tmp_path):
     with torch.no_grad():
         ref = cooked(**x2).last_hidden_state.numpy()
     got = fxonnx.OrtModel(path, threads=1)(**x2).numpy()
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()  # reassociation only (measured 3e-7); float: 5e-3
 
 
 def test_embeddings_need_quantized_weights():

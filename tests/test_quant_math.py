@@ -175,3 +175,64 @@ def test_a_negative_learned_scale_still_counts_as_calibrated():
         tq.scale.fill_(-0.05)  # LSQ can step the scale past zero; forward uses |scale|
     x = tensor(0, (4, 16))
     assert tq.calibrated and torch.equal(tq(x), fake_quant(x, torch.tensor(0.05), 8))
+
+
+# ---------------------------------------------------------------- edge values, exact results
+# A row whose absmax is 127 has scale exactly 1, so x / scale is x itself and every tie below is an exact .5;
+# scaling the row by a power of two scales the scale alike and keeps every quotient exact.
+EDGE_ROW = [127.0, -127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 63.5, 64.5, 126.5, -126.5, 0.0, -0.0, 3.0, 0.25]
+EDGE_CODES = [127, -127, 0, 2, 2, 0, -2, -2, 64, 64, 126, -126, 0, 0, 3, 0]  # round half to even, like torch.round
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(-20, 100))
+def test_weight_ties_round_half_to_even_at_any_magnitude(exp):
+    mag = 2.0 ** exp
+    w = torch.tensor([EDGE_ROW, [0.0] * len(EDGE_ROW)]) * mag  # and an all-zero row
+    wq = WeightQuant(8)
+    codes, scale = wq.quantize(w)
+    assert codes.dtype == torch.int8
+    assert codes[0].tolist() == EDGE_CODES and codes[1].tolist() == [0] * len(EDGE_ROW)
+    assert scale.tolist() == [mag, torch.tensor(1e-8).item()]  # a zero row gets the smallest scale, not 0
+    assert torch.equal(wq(w), torch.stack([torch.tensor(EDGE_CODES, dtype=torch.float32) * mag, torch.zeros(len(EDGE_ROW))]))
+    assert torch.equal(torch.ops.fxcook.quantize(w, scale, 0, 8), codes)
+
+
+def test_saturation_is_symmetric_at_127():
+    s = torch.tensor(1.0)
+    x = torch.tensor([127.5, -127.5, 128.0, -128.0, 1e30, -1e30, 3.4e38, -3.4e38])
+    want = torch.tensor([127.0, -127.0] * 4)
+    assert torch.equal(fake_quant(x, s, 8), want)  # -128 is never used: the range is symmetric
+    assert torch.equal(torch.ops.fxcook.quantize(x, s.reshape(1), 0, 8), want.to(torch.int8))
+    assert torch.equal(fake_quant(torch.tensor([7.5, -7.5, 6.5, -100.0]), s, 4), torch.tensor([7.0, -7.0, 6.0, -7.0]))
+    tq = TensorQuant(8)
+    assert calibrate(tq, [torch.tensor([[-2.54, 2.54]])]) == 1
+    assert float(tq.scale) == pytest.approx(0.02)
+    torch.testing.assert_close(tq(torch.tensor([10.0, -10.0, 0.01, 0.03])), torch.tensor([2.54, -2.54, 0.0, 0.04]))
+
+
+def test_zero_rows_quantize_to_exact_zeros_with_the_smallest_scale():
+    eps = torch.tensor(1e-8).item()
+    zeros = torch.zeros(3, 8)
+    tq = TokenQuant(8)
+    assert torch.equal(tq(zeros), zeros) and tq.token_scale(zeros).flatten().tolist() == [eps] * 3
+    codes, s = torch.ops.fxcook.quantize_per_token(zeros, 8)
+    assert codes.dtype == torch.uint8 and (codes == 128).all() and s.flatten().tolist() == [eps] * 3
+    scale, zp = DynamicTensorQuant.params(zeros)
+    assert (scale.item(), zp.item()) == (eps, 0.0)
+    w = torch.zeros(2, 8, requires_grad=True)
+    out = WeightQuant(8, group_size=4)(w)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(2, 8)) and torch.equal(w.grad, torch.ones(2, 8))  # finite STE gradient
+
+
+def test_token_and_dynamic_ties_round_half_to_even():
+    row = torch.tensor([EDGE_ROW])
+    codes, s = torch.ops.fxcook.quantize_per_token(row, 8)
+    assert s.item() == 1.0 and (codes.int() - 128).tolist() == [EDGE_CODES]
+    assert TokenQuant(8)(row).tolist() == [[float(c) for c in EDGE_CODES]]
+    # dynamic per tensor: the range [-51, 204] of x gives scale 1 and zero point 51 (uint8 codes 0..255)
+    x = torch.tensor([-51.0, 204.0, 0.5, 1.5, -0.5, -1.5, 2.5, 203.5, -50.5, 0.0])
+    scale, zp = DynamicTensorQuant.params(x)
+    assert (scale.item(), zp.item()) == (1.0, 51.0)
+    assert DynamicTensorQuant(8)(x).tolist() == [-51.0, 204.0, 0.0, 2.0, 0.0, -2.0, 2.0, 204.0, -50.0, 0.0]

@@ -118,9 +118,9 @@ def test_masks_survive_state_dict_save_and_load(tmp_path):
         assert torch.equal(out(dst, "bert"), out(src, "bert"))
 
 
-def test_wanda_norms_match_hooks_on_the_eager_model():
+def _eager_norms(calib):
+    """Input-feature L2 norms of every nn.Linear of the eager tiny BERT, from plain forward pre-hooks."""
     eager = tiny_model("bert")
-    calib = [tiny_inputs("bert", seed=s) for s in range(3)]
     sums = {}
 
     def hook(name):
@@ -135,13 +135,64 @@ def test_wanda_norms_match_hooks_on_the_eager_model():
     with torch.no_grad():
         for b in calib:
             eager(**b)
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+def test_wanda_norms_match_hooks_on_the_eager_model():
+    calib = [tiny_inputs("bert", seed=s) for s in range(3)]
+    eager = _eager_norms(calib)
     model = cooked("bert")
     paths = [s.path for s in model.sites.find("linear") if model.sites.block_of(s.path)]
     norms = activation_norms(model, paths, calib, max_batches=8)
     for p in paths:
-        torch.testing.assert_close(norms[p], sums[p].sqrt(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norms[p], eager[p], rtol=1e-4, atol=1e-5)
     with pytest.raises(PassError, match="never reached"):
         activation_norms(model, paths, [], max_batches=8)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_wanda_pass_prunes_by_weight_times_calibration_norm(pattern):
+    """The pass's masks keep the largest |W_ij| * ||X_j|| (norms from eager hooks), not the largest |W_ij|."""
+    calib = [tiny_inputs("bert", seed=s) for s in range(3)]
+    norms = _eager_norms(calib)
+    model = cooked("bert")
+    fxcook.apply(model, [Sparsify(method="wanda", pattern=pattern, sparsity=0.5, calibration=calib)])
+    unlike_magnitude = 0
+    for path, m in masked(model).items():
+        w = cooked("bert").get_submodule(path).weight.detach()
+        score = w.abs() * norms[path]
+        rows = score.reshape(-1, 4) if pattern == "2:4" else score
+        keep = m.weight_mask.bool().reshape(rows.shape)
+        assert (keep.sum(1) == rows.shape[1] // 2).all(), path
+        kept_min = torch.where(keep, rows, torch.inf).min(1).values
+        dropped_max = torch.where(~keep, rows, -torch.inf).max(1).values
+        # float reassociation may reorder near-equal scores; a wrong criterion misses by far more
+        assert (kept_min >= dropped_max * (1 - 1e-4)).all(), path
+        by_magnitude = (w.abs().reshape(-1, 4) if pattern == "2:4" else w.abs()).topk(rows.shape[1] // 2, dim=1)
+        magnitude = torch.zeros_like(keep).scatter_(1, by_magnitude.indices, True)
+        unlike_magnitude += int((keep != magnitude).any(1).sum())
+    assert unlike_magnitude > 0
+
+
+def _zhu_gupta(step, start, end, initial, final):
+    """Sparsity of the cubic ramp of Zhu & Gupta (2017): s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))**3."""
+    t = min(max(step, start), end)
+    return final + (initial - final) * (1 - (t - start) / (end - start)) ** 3
+
+
+@pytest.mark.parametrize("start,end,initial,halfway", [(0, 10, 0.0, 0.7), (5, 25, 0.2, 0.725)])
+def test_schedule_sparsity_is_the_cubic_ramp(start, end, initial, halfway):
+    model = cooked("bert")
+    p = Sparsify(pattern="unstructured", method="magnitude", sparsity=0.8,
+                 schedule={"start": start, "end": end, "every": 1, "initial": initial})
+    fxcook.apply(model, [p])
+    for step in range(end + 5):
+        assert p.state.sparsity_at(step) == pytest.approx(_zhu_gupta(step, start, end, initial, 0.8), abs=1e-12), step
+    half = (start + end) // 2  # halfway, a cubic ramp has gone 7/8 of the way; a linear one 1/2
+    assert p.state.sparsity_at(half) == pytest.approx(halfway)
+    update_masks(model, half)
+    for m in masked(model).values():
+        assert abs(m.density - (1 - halfway)) <= 1.0 / m.weight.numel() + 1e-6
 
 
 def test_unstructured_ramp_follows_the_cubic_schedule_then_freezes():
@@ -155,7 +206,7 @@ def test_unstructured_ramp_follows_the_cubic_schedule_then_freezes():
         changed = update_masks(model, step)
         if step % 2 == 0 and step <= 10:
             assert changed, step
-            target = 1 - p.state.sparsity_at(step)
+            target = 1 - _zhu_gupta(step, 0, 10, 0.0, 0.8)
             for m in layers.values():
                 assert abs(m.density - target) <= 1.0 / m.weight.numel() + 1e-6
             densities.append(next(iter(layers.values())).density)

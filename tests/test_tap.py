@@ -67,3 +67,25 @@ def test_path_matching_nothing_names_nearest():
         apply(cooked, [Tap("[post]encoder.layers.*")])
     with pytest.raises(PassError, match="teacher side"):
         apply(cooked, [Tap("[post]encoder.layer.*:[post]encoder.layer.0")])
+
+
+@settings(max_examples=4, deadline=None)
+@given(st.sampled_from(["bert", "llama"]).flatmap(lambda f: model_and_inputs(family=f)), st.booleans())
+def test_taps_pass_gradients_through_unchanged(case, pre):
+    """Distillation trains through taps: every parameter gets the gradient of the untapped model."""
+    _, model, x, x2 = case
+    plain = compile(model, [], x)
+    tapped = compile(model, [], x)
+    apply(tapped, [Tap(*(f"[{'pre' if pre else 'post'}]{s.path}" for s in tapped.sites.find("block")))])
+    grads = []
+    for cooked in (plain, tapped):
+        with collect_taps(cooked):
+            main_output(cooked(**x2)).square().mean().backward()
+        grads.append({n: p.grad for n, p in cooked.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        if g is None:
+            assert grads[1][name] is None, name
+        else:
+            assert grads[1][name] is not None and torch.allclose(grads[1][name], g, atol=1e-6), name
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads[1].values()) > len(grads[1]) // 2
