@@ -22,10 +22,13 @@ RECIPE = """passes:
 calibration: {samples: 16, batch_size: 8, max_length: 32}
 """
 # ONNX Runtime's integer GEMMs accumulate in another order, so an activation near a rounding boundary
-# can take the neighbouring int8 code; over MiniLM's 6 layers such flips compound (measured: per-token
-# cosine >= 0.9977, relative error 2%). A lowering bug (a lost SmoothQuant divisor, scale or mask) is far
-# below this bound.
-ORT_MIN_COS = 0.995
+# can take the neighbouring int8 code. On a 2-layer model that stays below 1e-4 of the output's scale;
+# over MiniLM's 6 layers such flips compound into noise of the size of the quantization error itself:
+# scaling one LayerNorm weight by (1 + 1e-6) moves torch's own output to per-token cosine 0.9958, and
+# ORT sits at 0.994-0.9999 from torch. MiniLM's bound is that noise floor, with margin; the tiny model's
+# is tight enough that a lost scale, divisor or mask breaks it.
+MINILM_MIN_COS = 0.99
+TINY_REL = 1e-4
 
 
 def _hidden(model, batch):
@@ -35,8 +38,10 @@ def _hidden(model, batch):
 
 
 def _agrees(ort_out, torch_out, batch):
-    cos = torch.nn.functional.cosine_similarity(ort_out, torch_out, dim=-1)[batch["attention_mask"].bool()]
-    return cos.min().item() >= ORT_MIN_COS
+    valid = batch["attention_mask"].bool()
+    if ort_out.shape[-1] == 384:  # MiniLM
+        return torch.nn.functional.cosine_similarity(ort_out, torch_out, dim=-1)[valid].min().item() >= MINILM_MIN_COS
+    return ((ort_out - torch_out)[valid].abs().max() / torch_out[valid].abs().max()).item() < TINY_REL
 
 
 def _masks(model):
@@ -90,6 +95,7 @@ def test_compress_train_save_load_export(model_name, tmp_path):
     exported = tmp_path / "exported.onnx"
     assert main(["export", str(trained_run / "model"), "--to", "onnx", "--out", str(exported)]) == 0
     assert _agrees(OrtModel(exported)(**batch), _hidden(trained, batch), batch)
+    assert torch.equal(OrtModel(exported)(**batch), OrtModel(trained_run / "model.onnx")(**batch))
 
 
 def test_training_a_saved_model_needs_a_teacher(tmp_path, capsys):
