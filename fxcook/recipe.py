@@ -12,7 +12,6 @@ fxcook maps but has not built yet raises NotSupportedYet, never a silent skip.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import warnings
@@ -23,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import NotSupportedYet, RecipeError
-from .passbase import Pass
+from .passbase import DataPass, Pass
 
 
 class Calibration(BaseModel):
@@ -55,7 +54,7 @@ class Recipe(BaseModel):
                 raise RecipeError(f"{self.source}: passes[{i}]: unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}")
             cls = REGISTRY[name]
             kwargs = dict(cfg or {})
-            if "calibration" in inspect.signature(cls.__init__).parameters:
+            if issubclass(cls, DataPass):
                 kwargs["calibration"] = calibration
             try:
                 out.append(cls(**kwargs))

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fxcook import load_recipe
 from fxcook.errors import NotSupportedYet, RecipeError
@@ -60,3 +61,14 @@ def test_bmcook_maps_or_says_not_supported(tmp_path):
 def test_example_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.passes and all(type(p).name in REGISTRY for p in recipe.build())
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/recipes/*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_recipes_hand_calibration_to_every_data_pass(path):
+    from fxcook.passbase import DataPass
+
+    batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]
+    built = load_recipe(path).build(calibration=batches)
+    data_passes = [p for p in built if isinstance(p, DataPass)]
+    assert data_passes and all(p.calibration is batches for p in data_passes)
