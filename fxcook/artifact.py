@@ -34,11 +34,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import manifest
-from .checkpoint import load_quantized, save_quantized
-from .errors import FxcookError
-from .passbase import ENTRIES
-from .tracing import split_inputs
+from fxcook import manifest
+from fxcook.checkpoint import load_quantized, save_quantized
+from fxcook.errors import FxcookError
+from fxcook.passbase import ENTRIES
+from fxcook.tracing import split_inputs
 
 __all__ = ["FORMAT", "ArtifactError", "Origin", "load", "save"]
 
@@ -130,7 +130,7 @@ def _entries(cooked) -> list[dict]:
 
 def _passes(entries: list[dict], source: str) -> list:
     """Pass objects in restore mode for recipe entries (built by the recipe, which knows every pass)."""
-    from .recipe import Recipe
+    from fxcook.recipe import Recipe
 
     built = Recipe(passes=[{e["pass"]: e["config"]} for e in entries], source=source).build()
     for p, entry in zip(built, entries, strict=True):
@@ -270,7 +270,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
     `model`: the base architecture to capture (needed when it is not a transformers model); it is
     not mutated. Every file is checked against the manifest before anything is read.
     """
-    from .pipeline import apply, capture
+    from fxcook.pipeline import apply, capture
 
     directory = Path(directory)
     if not directory.is_dir():

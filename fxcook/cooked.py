@@ -13,10 +13,10 @@ from torch import nn
 from torch.export.unflatten import UnflattenedModule
 from torch.fx import Graph
 
-from .calling import Interface
-from .passbase import Change
-from .sites import SiteIndex
-from .tracing import finalize
+from fxcook.calling import Interface
+from fxcook.passbase import Change
+from fxcook.sites import SiteIndex
+from fxcook.tracing import finalize
 
 
 @dataclass
@@ -96,6 +96,6 @@ class CookedModel(UnflattenedModule):
         finalize(self)
 
     def report(self, per_layer: bool = False) -> str:
-        from .report import render
+        from fxcook.report import render
 
         return render(self, per_layer=per_layer)

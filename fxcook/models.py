@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 FAMILIES = ("bert", "gpt2", "t5", "llama", "mixtral", "qwen2_moe")
 

@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import NotSupportedYet, RecipeError
-from .passbase import Pass
+from fxcook.errors import NotSupportedYet, RecipeError
+from fxcook.passbase import Pass
 
 
 class Calibration(BaseModel):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxcook.distill import DistillLoss, _masked_softmax_logits
+from fxcook.training.losses import DistillLoss, _masked_softmax_logits
 from fxcook.errors import FxcookError, PreconditionError
 
 

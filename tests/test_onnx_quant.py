@@ -11,8 +11,8 @@ import fxcook
 from fxcook.models import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
-from fxcook.passes.quantize import _input_of
-from fxcook.quant import DynamicTensorQuant, TokenQuant
+from fxcook.passes.quantize.quantize import _input_of
+from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TokenQuant
 from fxcook.runtime import onnx as fxonnx
 
 

@@ -14,11 +14,11 @@ import fxcook
 from fxcook import passes as P
 from fxcook.cli import main
 from fxcook.data import shakespeare_lines
-from fxcook.distill import DistillLoss
+from fxcook.training.losses import DistillLoss
 from fxcook.errors import FxcookError
 from fxcook.manifest import sha256_file
 from fxcook.models import save_tiny_pretrained, tiny_inputs, tiny_model
-from fxcook.trainer import CheckpointError, latest_checkpoint, save_checkpoint, train
+from fxcook.training.loop import CheckpointError, latest_checkpoint, save_checkpoint, train
 
 DATA = {"input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
         "attention_mask": torch.ones(16, 8, dtype=torch.long)}

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from .errors import FxcookError, PreconditionError
+from fxcook.errors import FxcookError, PreconditionError
 
 Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq")
 K_NAMES = ("key", "k_proj", "k", "k_lin", "wk")
@@ -212,7 +212,7 @@ class DistillLoss(nn.Module):
         self.qkv_pairs = [(self._qkv(student, s), self._qkv(teacher, t)) for s, t in pairs] if (c.attention or c.relation) else []
         missing = [t for t in self.student_taps() if t not in tap_points(student)]
         if missing and hasattr(student, "history"):
-            from .pipeline import apply
+            from fxcook.pipeline import apply
 
             apply(student, [Tap(*missing)])
         was = student.training, teacher.training

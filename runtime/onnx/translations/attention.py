@@ -14,7 +14,7 @@ from onnxscript import ir
 from onnxscript import opset20 as op
 from onnxscript.function_libs.torch_lib.ops import nn as torchlib
 
-from . import ONNX_TRANSLATIONS
+from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS
 
 
 def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
