@@ -108,9 +108,9 @@ def test_bind_maps_layers_and_trains_projection():
     assert loss.hidden_pairs == [("[post]encoder.layer.0", "[post]encoder.layer.1"),
                                  ("[post]encoder.layer.1", "[post]encoder.layer.3")]
     assert len(loss.proj) == 2 and loss.heads == 4
-    from fxcook.passes.tap import run_with_taps
+    from fxcook.taps import run_with_taps
 
-    s_out, s_taps = run_with_taps(student, **x)
+    s_out, s_taps = run_with_taps(student, **x, specs=loss.student_taps())
     t_out, t_taps = run_with_taps(teacher, **x, specs=loss.teacher_taps())
     total, _ = loss(x, s_out, s_taps, t_out, t_taps)
     total.backward()

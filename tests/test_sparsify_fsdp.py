@@ -23,7 +23,7 @@ def _worker(rank: int, port: int, results):
         from fxcook.models import tiny_inputs, tiny_model
         from fxcook.nn import CookedLinear
         from fxcook.passes.sparsify import Sparsify, update_masks
-        from fxcook.training.loop import shard
+        from fxcook.training.distributed import shard
 
         torch.manual_seed(0)
         model = fxcook.compile(tiny_model("llama"), [Sparsify(method="m4n2_1d", schedule={"start": 0, "end": 2, "every": 1})],

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxcook.errors import PassError, SelectorError
-from fxcook.passes.tap import Tap, TapPoint, collect_taps, parse_spec, run_with_taps, tap_points, teacher_pairs
+from fxcook.passes.tap import Tap
+from fxcook.taps import TapPoint, collect_taps, parse_spec, run_with_taps, tap_points, teacher_pairs
 from fxcook.pipeline import apply, compile
 from strategies import main_output, model_and_inputs
 

@@ -75,7 +75,7 @@ def test_resume_after_kill_gives_identical_losses(killed_and_resumed):
 
 def test_corrupt_checkpoint_is_a_clear_error_and_others_stay_intact(killed_and_resumed):
     from fxcook.manifest import sha256_file as _sha256
-    from fxcook.training.loop import CheckpointError, latest_checkpoint, verify_checkpoint
+    from fxcook.training.checkpoints import CheckpointError, latest_checkpoint, verify_checkpoint
 
     tmp, _, _ = killed_and_resumed
     out = tmp / "victim"

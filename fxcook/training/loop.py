@@ -37,6 +37,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from fxcook import manifest
+from fxcook.taps import collect_taps
 from fxcook.training.losses import DistillLoss, block_paths
 from fxcook.errors import FxcookError
 from fxcook.training.textdata import StepSampler, as_dataset
@@ -170,8 +171,6 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
     if not loss.bound:
         loss.bind(cooked, teacher, probe)
     s_specs, t_specs = loss.student_taps(), loss.teacher_taps()
-    from fxcook.passes.tap import collect_taps
-
     student_mode = cooked.training
     cooked.to(device).train()
     loss.to(device)
