@@ -29,8 +29,7 @@ from safetensors.torch import save_file
 from fxcook.errors import FxcookError
 from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
 
-__all__ = ["CheckpointError", "load_compressed", "load_quantized", "save_compressed", "save_quantized",
-           "write_atomic"]
+__all__ = ["CheckpointError", "load_quantized", "save_quantized", "write_atomic"]
 
 CODE_NAMES = ("qweight", "weight_quant")  # fxcook's, BMCook's
 SCALE = "weight_scale"
@@ -224,17 +223,3 @@ def load_quantized(model, path: str | os.PathLike) -> None:
             raise CheckpointError(f"checkpoint {path} does not fit the model (nothing was loaded): {shown}")
         for key, read in plan.copies:
             state[key].data.copy_(read())
-
-
-def save_compressed(cooked, out: str | os.PathLike, recipe: Path | None = None, **kwargs) -> Path:
-    """The artifact of `fxcook.save` (kept under this name for the CLI)."""
-    from fxcook.artifact import save
-
-    return save(cooked, out, recipe=recipe, **kwargs)
-
-
-def load_compressed(directory: str | os.PathLike, model=None):
-    """The CookedModel of an artifact directory (`fxcook.load`)."""
-    from fxcook.artifact import load
-
-    return load(directory, model=model)

@@ -7,8 +7,7 @@ from typing import Any
 from torch import nn
 
 from fxcook import calling, tracing
-from fxcook.artifact import Origin
-from fxcook.cooked import CookedModel, PassRecord
+from fxcook.cooked import CookedModel, Origin, PassRecord
 from fxcook.errors import CaptureError, FxcookError, PassError
 from fxcook.passbase import Pass
 from fxcook.report import activated_size, parameter_count

@@ -10,8 +10,7 @@ from fxcook.paths import check_out_dir, model_dir
 
 def cmd_compress(args) -> int:
     from fxcook import compile
-    from fxcook.artifact import tokenizer_extra
-    from fxcook.checkpoint import save_compressed
+    from fxcook.artifact import save, tokenizer_extra
     from fxcook.recipe import load_recipe
 
     out = check_out_dir(Path(args.out), "--out", source=model_dir(args.model))
@@ -24,7 +23,7 @@ def cmd_compress(args) -> int:
         from fxcook.runtime import onnx as onnx_rt
 
         extras["model.onnx"] = lambda path: onnx_rt.export(cooked, path, example_inputs=batch)
-    save_compressed(cooked, out, recipe=Path(args.recipe), extras=extras)
+    save(cooked, out, recipe=Path(args.recipe), extras=extras)
     print(cooked.report(per_layer=args.per_layer))
     print(f"wrote {out}" + (f" (with {out / 'model.onnx'})" if args.onnx else ""))
     return 0

@@ -70,8 +70,8 @@ def _train_settings(args, recipe_train: dict) -> tuple[dict, dict]:
 def main(args: argparse.Namespace) -> int:
     """`fxcook train`: compress --model with --recipe, distill it from the original on --data, then
     save the trained model as a compressed artifact in --out/model (and --out/model.onnx with --onnx)."""
-    from fxcook.artifact import is_artifact, load, load_tokenizer, tokenizer_extra
-    from fxcook.checkpoint import save_compressed, write_atomic
+    from fxcook.artifact import is_artifact, load, load_tokenizer, save, tokenizer_extra
+    from fxcook.checkpoint import write_atomic
     from fxcook.data import calibration_for, check_known_tokens, lines_from
     from fxcook.models import example_batch, load_model
     from fxcook.paths import check_out_dir, model_dir
@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
                    "final_loss": result.losses[-1] if result.losses else None, "before": before, "after": after}
         write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
         trained.cpu()
-        save_compressed(trained, out / "model", recipe=Path(args.recipe) if args.recipe else None,
+        save(trained, out / "model", recipe=Path(args.recipe) if args.recipe else None,
                         extras=tokenizer_extra(tokenizer))
         print(f"wrote {out / 'model'}")
         if args.onnx:
