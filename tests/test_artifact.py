@@ -11,7 +11,7 @@ from strategies import main_output
 
 import fxcook
 from fxcook.artifact import ArtifactError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 from fxcook.passes.sparsify import update_masks
 

@@ -98,7 +98,7 @@ def test_lm_loss_is_cross_entropy_on_shifted_tokens():
 
 
 def test_bind_maps_layers_and_trains_projection():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
 
     x = tiny_inputs("bert")
@@ -121,7 +121,7 @@ def test_bind_maps_layers_and_trains_projection():
 
 
 def test_bad_inputs_give_clear_errors():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
 
     x = tiny_inputs("bert")

@@ -17,7 +17,7 @@ STEPS, BATCH = 4, 8
 
 def _setup():
     from fxcook.training.losses import DistillLoss
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
 
     teacher = tiny_model("llama", seed=1, hidden_size=48)

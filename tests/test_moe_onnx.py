@@ -9,7 +9,7 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import fxcook
 from fxcook.errors import NotSupportedYet
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 from fxcook.nn import CookedLinear
 from fxcook.runtime.onnx.translations import load_all

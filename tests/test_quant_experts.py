@@ -15,7 +15,7 @@ from safetensors import safe_open
 import fxcook
 from fxcook.checkpoint import load_quantized, save_quantized
 from fxcook.errors import NotSupportedYet, PassError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear, param_quants
 from fxcook.pipeline import apply
 from fxcook.passes.quantize.quantizers import TensorQuant, TokenQuant

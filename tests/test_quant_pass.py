@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxcook
 from fxcook.errors import PassError, RecipeError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
 from fxcook.passes.quantize.quantizers import TensorQuant, TokenQuant, WeightQuant

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fxcook
 from fxcook.errors import PassError
 from fxcook.passes.sparsify.masks import is_24
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.sparsify import Sparsify, activation_norms, update_masks
 

@@ -20,7 +20,7 @@ def _worker(rank: int, port: int, results):
     try:
         import fxcook
         from fxcook.passes.sparsify.masks import is_24
-        from fxcook.models import tiny_inputs, tiny_model
+        from fxcook.testing import tiny_inputs, tiny_model
         from fxcook.nn import CookedLinear
         from fxcook.passes.sparsify import Sparsify, update_masks
         from fxcook.training.distributed import shard

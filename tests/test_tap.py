@@ -29,7 +29,7 @@ def test_taps_never_change_outputs_and_match_eager(case, pre):
 
 
 def test_globs_pairs_and_collection_scope():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
     cooked = compile(tiny_model("bert"), [Tap("[post]encoder.layer.*:[post]encoder.layer.*",
@@ -60,7 +60,7 @@ def test_spec_syntax():
 
 
 def test_path_matching_nothing_names_nearest():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
     cooked = compile(tiny_model("bert"), [], x)

@@ -17,7 +17,7 @@ from fxcook.data import shakespeare_lines
 from fxcook.training.losses import DistillLoss
 from fxcook.errors import FxcookError
 from fxcook.manifest import sha256_file
-from fxcook.models import save_tiny_pretrained, tiny_inputs, tiny_model
+from fxcook.testing import save_tiny_pretrained, tiny_inputs, tiny_model
 from fxcook.training.checkpoints import CheckpointError, latest_checkpoint, save_checkpoint
 from fxcook.training.loop import train
 

@@ -5,7 +5,7 @@ import torch
 import fxcook
 from fxcook import passes as P
 from fxcook.training.losses import DistillLoss
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.training.loop import train
 
