@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import contextlib
 
+import fxcook.passes.moefy.ops
+import fxcook.passes.quantize.ops
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import fxcook.passes.moefy.ops  # noqa: F401  (defines torch.ops.fxcook.moe_ffn)
-import fxcook.passes.quantize.ops  # noqa: F401  (defines the fxcook:: quantization ops)
-from fxcook.errors import FxcookError, NotSupportedYet, PassError
-from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
 from fxcook.passes.moefy.routed import MoEFFN
 from fxcook.passes.quantize.experts import ExpertInputQuant, ExpertWeightQuant, safe_name
 from fxcook.passes.quantize.ops import TOKEN_ZERO_POINT
 from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TensorQuant, TokenQuant
+from torch import nn
+
+from fxcook.errors import FxcookError, NotSupportedYet, PassError
+from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
 
 __all__ = ["EmbeddingInt8Export", "ExpertInputExport", "ExpertWeightExport", "Flat", "MoEFFNExport",
            "QuantLinearExport", "lowered"]

@@ -17,7 +17,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from fxcook import manifest
 from fxcook.errors import FxcookError
-
 from fxcook.training.distributed import barrier
 
 

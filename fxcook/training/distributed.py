@@ -8,8 +8,6 @@ import torch.distributed as dist
 from torch import nn
 
 
-
-
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world, device); joins the torchrun process group when launched by torchrun."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -37,14 +37,21 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from fxcook import manifest
-from fxcook.taps import collect_taps
-from fxcook.training.losses import DistillLoss, block_paths
 from fxcook.errors import FxcookError
-from fxcook.training.textdata import StepSampler, as_dataset
-
+from fxcook.taps import collect_taps
 from fxcook.training.checkpoints import claim_out, latest_checkpoint, load_checkpoint, save_checkpoint
-from fxcook.training.distributed import (all_sum, any_rank, barrier, init_distributed, local_param_bytes,
-                                         optimizer_state_bytes, shard, sync_from_rank0)
+from fxcook.training.distributed import (
+    all_sum,
+    any_rank,
+    barrier,
+    init_distributed,
+    local_param_bytes,
+    optimizer_state_bytes,
+    shard,
+    sync_from_rank0,
+)
+from fxcook.training.losses import DistillLoss, block_paths
+from fxcook.training.textdata import StepSampler, as_dataset
 
 
 @dataclass

@@ -183,7 +183,7 @@ class DistillLoss(nn.Module):
     def teacher_taps(self) -> list[str]:
         return sorted({t for _, t in self.hidden_pairs} | {x for _, t in self.qkv_pairs for x in t})
 
-    def bind(self, student: nn.Module, teacher: nn.Module | None, batch: dict) -> "DistillLoss":
+    def bind(self, student: nn.Module, teacher: nn.Module | None, batch: dict) -> DistillLoss:
         """Resolve layer pairs and taps and size the projections; `student` is not changed (taps without
         a TapPoint are collected through forward hooks, as on the teacher).
 

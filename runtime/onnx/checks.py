@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from fxcook.passes.sparsify.masks import count_24_violations
 
 __all__ = ["GemmWeight", "Sparse24Report", "validate_onnx_24"]

@@ -28,14 +28,14 @@ from typing import Any
 
 import onnx
 import torch
+from fxcook.runtime.lowering import Flat, lowered
+from fxcook.runtime.onnx.translations import load_all
 from torch import nn
 
 from fxcook.errors import FxcookError
-from fxcook.runtime.lowering import Flat, lowered
-from fxcook.runtime.onnx.translations import load_all
 from fxcook.tracing import dynamic_spec, split_inputs
 
-__all__ = ["export", "MAX_IR_VERSION"]
+__all__ = ["MAX_IR_VERSION", "export"]
 
 MAX_IR_VERSION = 10  # ONNX Runtime 1.20+ loads IR <= 10; onnx 1.23's make_model writes newer
 

@@ -58,6 +58,6 @@ def ort_op(name: str) -> Op:
 
 def load_all() -> dict:
     """Import every translation module (registering its ops and translations); returns the table."""
-    from . import attention, moe, quant  # noqa: F401  (each fills ONNX_TRANSLATIONS)
+    from . import attention, moe, quant
 
     return ONNX_TRANSLATIONS

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import fxcook.passes.moefy.ops
 import torch
-from onnxscript import FLOAT, UINT8, opset18 as op
-
-import fxcook.passes.moefy.ops  # noqa: F401  (defines torch.ops.fxcook.moe_ffn)
-from fxcook.errors import NotSupportedYet
 from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
+from onnxscript import FLOAT, UINT8
+from onnxscript import opset18 as op
+
+from fxcook.errors import NotSupportedYet
 
 ORT_MOE, ORT_QMOE = ort_op("MoE"), ort_op("QMoE")
 

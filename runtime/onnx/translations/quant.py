@@ -8,10 +8,10 @@ from typing import Optional
 
 import onnx
 import torch
-from onnxscript import FLOAT, INT8, INT32, INT64, UINT8, opset20 as op
-
 from fxcook.passes.quantize.ops import TOKEN_EPS, TOKEN_ZERO_POINT, code_range
 from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
+from onnxscript import FLOAT, INT8, INT32, INT64, UINT8
+from onnxscript import opset20 as op
 
 ORT_MATMUL_INTEGER_TO_FLOAT = ort_op("MatMulIntegerToFloat")
 ORT_DYNAMIC_QUANTIZE_MATMUL = ort_op("DynamicQuantizeMatMul")
