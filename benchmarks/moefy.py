@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcook.moe import MoEFFN, balanced_kmeans
+from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 from fxcook.nn import CookedLinear
 
 

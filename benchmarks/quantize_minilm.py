@@ -1,12 +1,12 @@
 """int8 MiniLM on CPU, side by side in one process: torch fp32 eager, ONNX Runtime fp32, ORT's own
 `quantize_dynamic` (per-channel and per-tensor weights) of the model as `torch.onnx.export` writes it
 (the reference: ORT per-channel = 1.00), the same tool applied to fxcook's fp32 export (whose attention
-translation drops a NaN guard, fxcook.ops.attention), and fxcook's int8 ONNX models: per-token
+translation drops a NaN guard, fxcook.runtime.onnx.translations.attention), and fxcook's int8 ONNX models: per-token
 activations (MatMulIntegerToFloat), per-tensor dynamic activations (DynamicQuantizeMatMul) with
 SmoothQuant off and on the FFN down-projections, and the model `fxcook compress --recipe
 examples/recipes/int8.yaml` builds (per-token only on the inputs measured most sensitive).
 With --qat-steps, also the per-tensor dynamic model after a short quantization-aware distillation from
-fp32 (fxcook.trainer.train, DistillLoss hidden_mse + hidden_cos) on Shakespeare lines disjoint from both
+fp32 (fxcook.training.loop.train, DistillLoss hidden_mse + hidden_cos) on Shakespeare lines disjoint from both
 the calibration and the held-out lines, one variant per (steps, lr) pair.
 
 Latency: batch 8 x sequence 128 (padded), 2 threads, rounds interleaved across the variants so
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
                   [Quantize(calibration=calib, **kw)])
         cooked = fxcook.compile(model, passes, example_inputs=calib[0])
         if name in qat:
-            from fxcook.distill import DistillLoss
-            from fxcook.trainer import train
+            from fxcook.training.losses import DistillLoss
+            from fxcook.training.loop import train
 
             t0 = time.perf_counter()
             train(cooked, teacher=model, data=train_lines, tokenizer=tok, batch_size=args.qat_batch_size,

@@ -116,7 +116,7 @@ def ceilings() -> dict:
 
 
 def _w24(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    from fxcook.masks import m4n2_1d
+    from fxcook.passes.sparsify.masks import m4n2_1d
 
     w = torch.randn(n, k, device="cuda", generator=gen) / math.sqrt(k)
     return w * m4n2_1d(w)

@@ -31,7 +31,7 @@ RECIPE = ROOT / "examples" / "recipes" / "int8_24.yaml"
 
 def _setup(max_length: int):
     from fxcook.data import calibration_for
-    from fxcook.distill import DistillLoss
+    from fxcook.training.losses import DistillLoss
     from fxcook.models import load_model
     from fxcook.pipeline import compile
     from fxcook.recipe import load_recipe
@@ -47,7 +47,7 @@ def _setup(max_length: int):
 
 
 def _scale_run(rank: int, world: int, args, tmp: str) -> dict:
-    from fxcook.trainer import train
+    from fxcook.training.loop import train
 
     student, teacher, tok, lines, _, loss = _setup(args.max_length)
     res = train(student, teacher, lines, loss, tokenizer=tok, steps=args.scale_steps, batch_size=args.batch,
@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, args, tmp: str):
 
 def _recovery(args) -> list[dict]:
     from fxcook.evaluate import embed, fidelity
-    from fxcook.trainer import train
+    from fxcook.training.loop import train
 
     student, teacher, tok, lines, held_out, loss = _setup(args.max_length)
     with torch.no_grad():

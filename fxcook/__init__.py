@@ -1,13 +1,13 @@
 """fxcook: model compression as explicit, composable, verifiable FX graph passes."""
 import importlib
 
-from .errors import (CaptureError, FxcookError, NotSupportedYet, PassError, PreconditionError,
+from fxcook.errors import (CaptureError, FxcookError, NotSupportedYet, PassError, PreconditionError,
                      RecipeError, SelectorError)
-from .cooked import CookedModel
-from .nn import CookedLinear
-from .artifact import load, save
-from .pipeline import apply, capture, compile
-from .select import Select
+from fxcook.cooked import CookedModel
+from fxcook.nn import CookedLinear
+from fxcook.artifact import load, save
+from fxcook.pipeline import apply, capture, compile
+from fxcook.select import Select
 
 __all__ = [
     "CaptureError", "CookedLinear", "CookedModel", "FxcookError", "NotSupportedYet", "PassError",
@@ -18,7 +18,7 @@ __all__ = [
 
 def load_recipe(path):
     """Load and validate a YAML/JSON recipe (see `fxcook.recipe`)."""
-    from .recipe import load_recipe as _load
+    from fxcook.recipe import load_recipe as _load
 
     return _load(path)
 
@@ -31,9 +31,9 @@ def __getattr__(name):
     if name in SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     if name == "train":
-        from .trainer import train
+        from fxcook.training.loop import train
         return train
     if name == "DistillLoss":
-        from .distill import DistillLoss
+        from fxcook.training.losses import DistillLoss
         return DistillLoss
     raise AttributeError(f"module 'fxcook' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """`python -m fxcook`: the same command as `fxcook`."""
 import sys
 
-from .cli import main
+from fxcook.cli import main
 
 sys.exit(main())

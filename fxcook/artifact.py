@@ -24,7 +24,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils import _pytree as pytree
 
-from . import manifest
-from .checkpoint import load_quantized, save_quantized
-from .errors import FxcookError
-from .passbase import ENTRIES
-from .tracing import split_inputs
+from fxcook import manifest
+from fxcook.checkpoint import load_quantized, save_quantized
+from fxcook.cooked import Origin, class_path
+from fxcook.errors import FxcookError
+from fxcook.passbase import ENTRIES
+from fxcook.tracing import split_inputs
 
 __all__ = ["FORMAT", "ArtifactError", "Origin", "load", "save"]
 
@@ -50,30 +49,6 @@ TOKENIZER = "tokenizer"  # a folder: the tokenizer the model was compressed with
 
 class ArtifactError(FxcookError):
     """A model cannot be saved as an artifact, or a directory cannot be loaded as one."""
-
-
-def _class_path(obj: Any) -> str:
-    return f"{type(obj).__module__}:{type(obj).__qualname__}"
-
-
-@dataclass
-class Origin:
-    """What a cooked model was captured from, enough to capture it again: the base model's class,
-    its transformers config (None for other models), its dtype and (a copy of) the example inputs."""
-
-    cls: str
-    config: dict | None
-    dtype: str
-    inputs: Any
-
-    @classmethod
-    def of(cls, model: nn.Module, example_inputs: Any) -> Origin:
-        config = getattr(model, "config", None)
-        hf = type(model).__module__.startswith("transformers.") and hasattr(config, "to_dict")
-        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
-        inputs = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, example_inputs)
-        return cls(_class_path(model), config.to_dict() if hf else None,
-                   str(floats[0] if floats else torch.float32).removeprefix("torch."), inputs)
 
 
 def _version() -> str:
@@ -130,7 +105,7 @@ def _entries(cooked) -> list[dict]:
 
 def _passes(entries: list[dict], source: str) -> list:
     """Pass objects in restore mode for recipe entries (built by the recipe, which knows every pass)."""
-    from .recipe import Recipe
+    from fxcook.recipe import Recipe
 
     built = Recipe(passes=[{e["pass"]: e["config"]} for e in entries], source=source).build()
     for p, entry in zip(built, entries, strict=True):
@@ -270,15 +245,15 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
     `model`: the base architecture to capture (needed when it is not a transformers model); it is
     not mutated. Every file is checked against the manifest before anything is read.
     """
-    from .pipeline import apply, capture
+    from fxcook.pipeline import apply, capture
 
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is not a directory: fxcook.load reads an artifact written by fxcook.save")
     saved = manifest.verify(directory)
     desc = _description(directory)
-    if model is not None and _class_path(model) != desc["model"]["class"]:
-        raise ArtifactError(f"{directory} was made from {desc['model']['class']}, the model given is {_class_path(model)}")
+    if model is not None and class_path(model) != desc["model"]["class"]:
+        raise ArtifactError(f"{directory} was made from {desc['model']['class']}, the model given is {class_path(model)}")
     base = _rebuild(directory, desc) if model is None else model
     inputs = _unpack_inputs(desc["inputs"], load_file(str(directory / INPUTS)))
     cooked = apply(capture(base, inputs, inplace=model is None), _passes(desc["passes"], str(directory / DESCRIPTION)))

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, FxcookError
-from .tracing import capture_mode, split_inputs
+from fxcook.errors import CaptureError, FxcookError
+from fxcook.tracing import capture_mode, split_inputs
 
 TOKENIZER_INPUTS = ("input_ids", "token_type_ids", "attention_mask")  # what HF tokenizers emit
 NEUTRAL = (0, 1)  # candidate constants for "input not given"

@@ -2,7 +2,7 @@
 
 Each quantized CookedLinear (and CookedEmbedding table) is stored as `<path>.qweight` (int8, `[out, in]`) and
 `<path>.weight_scale` (float32, `[out]` or `[out, in/group]`); BMCook's `<path>.weight_quant`
-name for the codes is accepted on load. A quantized HF MoE expert weight (`fxcook.quant_experts`) is
+name for the codes is accepted on load. A parameter quantized in the graph (`fxcook.nn.ParamQuant`: HF MoE experts) is
 stored the same way under its parameter's path: `<param>.qweight` (int8 `[E, out, in]`, contracted
 axis last) and `<param>.weight_scale` (`[E, out]` or `[E, out, in/group]`); parameters kept as
 `[E, in, out]` are listed in the `transposed` metadata entry. A tensor the model shares under several
@@ -26,12 +26,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import FxcookError
-from .nn import CookedEmbedding, CookedLinear
-from .quant_experts import expert_weight_quants
+from fxcook.errors import FxcookError
+from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
 
-__all__ = ["CheckpointError", "load_compressed", "load_quantized", "save_compressed", "save_quantized",
-           "write_atomic"]
+__all__ = ["CheckpointError", "load_quantized", "save_quantized", "write_atomic"]
 
 CODE_NAMES = ("qweight", "weight_quant")  # fxcook's, BMCook's
 SCALE = "weight_scale"
@@ -79,7 +77,7 @@ def _coded(model, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> di
     """
     shared = set(aliases) | set(aliases.values())
     out = {f"{p}.weight": (p, m.weight_quant) for p, m in _quantized(model).items()}
-    out.update({p: (p, q) for p, q in expert_weight_quants(model).items()})
+    out.update({p: (p, q) for p, q in param_quants(model).items()})
     return {k: v for k, v in out.items() if k in state and k not in shared}
 
 
@@ -225,17 +223,3 @@ def load_quantized(model, path: str | os.PathLike) -> None:
             raise CheckpointError(f"checkpoint {path} does not fit the model (nothing was loaded): {shown}")
         for key, read in plan.copies:
             state[key].data.copy_(read())
-
-
-def save_compressed(cooked, out: str | os.PathLike, recipe: Path | None = None, **kwargs) -> Path:
-    """The artifact of `fxcook.save` (kept under this name for the CLI)."""
-    from .artifact import save
-
-    return save(cooked, out, recipe=recipe, **kwargs)
-
-
-def load_compressed(directory: str | os.PathLike, model=None):
-    """The CookedModel of an artifact directory (`fxcook.load`)."""
-    from .artifact import load
-
-    return load(directory, model=model)

@@ -8,15 +8,42 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 from torch.export.unflatten import UnflattenedModule
 from torch.fx import Graph
+from torch.utils import _pytree as pytree
 
-from .calling import Interface
-from .passbase import Change
-from .sites import SiteIndex
-from .tracing import finalize
+from fxcook.calling import Interface
+from fxcook.passbase import Change
+from fxcook.sites import SiteIndex
+from fxcook.tracing import finalize
+
+
+def class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}:{type(obj).__qualname__}"
+
+
+@dataclass
+class Origin:
+    """What a cooked model was captured from, enough to capture it again: the base model's class,
+    its transformers config (None for other models), its dtype and (a copy of) the example inputs."""
+
+    cls: str
+    config: dict | None
+    dtype: str
+    inputs: Any
+
+    @classmethod
+    def of(cls, model: nn.Module, example_inputs: Any) -> Origin:
+        config = getattr(model, "config", None)
+        hf = type(model).__module__.startswith("transformers.") and hasattr(config, "to_dict")
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        inputs = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, example_inputs)
+        return cls(class_path(model), config.to_dict() if hf else None,
+                   str(floats[0] if floats else torch.float32).removeprefix("torch."), inputs)
 
 
 @dataclass
@@ -96,6 +123,6 @@ class CookedModel(UnflattenedModule):
         finalize(self)
 
     def report(self, per_layer: bool = False) -> str:
-        from .report import render
+        from fxcook.report import render
 
         return render(self, per_layer=per_layer)

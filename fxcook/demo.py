@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 
@@ -39,7 +39,7 @@ STAGES = (
 
 
 def _recipe(stage: Stage):
-    from .recipe import load_recipe, parse_recipe
+    from fxcook.recipe import load_recipe, parse_recipe
 
     if stage.recipe is None:
         return parse_recipe({"passes": []}, source="capture only")
@@ -63,7 +63,7 @@ def _onnx_row(cooked, tok, held_out: list[str], ref) -> dict:
     """Export `cooked`, run it in ONNX Runtime: fidelity and batch 8 x 128 latency (2 threads)."""
     from fxcook.runtime import onnx as fxonnx
 
-    from .evaluate import embed, fidelity
+    from fxcook.evaluate import embed, fidelity
 
     batch = dict(tok(held_out[:8], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     with tempfile.TemporaryDirectory() as d:
@@ -73,13 +73,13 @@ def _onnx_row(cooked, tok, held_out: list[str], ref) -> dict:
 
 
 def run(samples: int = 256, distill: bool = True, onnx: bool = True, console: Console | None = None) -> list[dict]:
-    from . import compile
-    from .data import calibration_for, shakespeare_lines
-    from .distill import DistillLoss
-    from .evaluate import embed, fidelity
-    from .models import load_model
-    from .report import activated_size, block_weights
-    from .trainer import train
+    from fxcook import compile
+    from fxcook.data import calibration_for, shakespeare_lines
+    from fxcook.training.losses import DistillLoss
+    from fxcook.evaluate import embed, fidelity
+    from fxcook.models import load_model
+    from fxcook.report import activated_size, block_weights
+    from fxcook.training.loop import train
 
     console = console or Console(width=150)
     model, tok = load_model("minilm")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 MANIFEST = "manifest.json"
 

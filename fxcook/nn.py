@@ -88,7 +88,7 @@ class CookedLinear(HookedWeight, nn.Module):
 class CookedEmbedding(HookedWeight, nn.Module):
     """`embedding(ids, weight_quant(weight))`: an embedding table a pass can quantize (weight-only).
 
-    Made from a captured embedding submodule on demand (`fxcook.quant_embed.cook_embeddings`); it keeps
+    Made from a captured embedding submodule on demand (`fxcook.passes.quantize.embeddings.cook_embeddings`); it keeps
     the original Parameter, so a table tied to an output head stays tied.
     """
 
@@ -107,3 +107,25 @@ class CookedEmbedding(HookedWeight, nn.Module):
     def extra_repr(self) -> str:
         return f"num={self.weight.shape[0]}, dim={self.weight.shape[1]}" + (
             f", w{self.bits}" if self.weight_quant is not None else "")
+
+
+class ParamQuant(nn.Module):
+    """Base of the quantizers a graph applies to a parameter itself (`get_attr -> call_module`, e.g. HF
+    MoE expert weights, which never pass through a CookedLinear): checkpoints store such a parameter as
+    the int codes its `quantize(weight) -> (codes, scale)` gives, and lowering swaps it for an export form."""
+
+
+def param_quants(model: nn.Module) -> dict[str, ParamQuant]:
+    """Parameter path -> its ParamQuant, for every parameter quantized in a graph of `model`."""
+    out = {}
+    for path, mod in model.named_modules():
+        graph = getattr(mod, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) != "get_attr":
+                continue
+            quant = getattr(mod, node.target, None)
+            if isinstance(quant, ParamQuant):
+                out[f"{path}.{node.args[0].target}" if path else node.args[0].target] = quant
+    return out

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 ENTRIES = "pass_entries"  # attribute of a CookedModel: one {"pass", "config", "record"} per finished pass
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 
 def _writable(path: Path, what: str) -> None:
@@ -28,7 +28,7 @@ def _writable(path: Path, what: str) -> None:
 def model_dir(name: str) -> Path | None:
     """The local directory a model name loads from ('minilm' or a directory), else None."""
     if name == "minilm":
-        from .models import minilm_path
+        from fxcook.models import minilm_path
 
         return minilm_path()
     return Path(name) if Path(name).is_dir() else None

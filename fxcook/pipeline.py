@@ -6,13 +6,12 @@ from typing import Any
 
 from torch import nn
 
-from . import calling, tracing
-from .artifact import Origin
-from .cooked import CookedModel, PassRecord
-from .errors import CaptureError, FxcookError, PassError
-from .passbase import Pass
-from .report import activated_size, parameter_count
-from .sites import build_sites
+from fxcook import calling, tracing
+from fxcook.cooked import CookedModel, Origin, PassRecord
+from fxcook.errors import CaptureError, FxcookError, PassError
+from fxcook.passbase import Pass
+from fxcook.report import activated_size, parameter_count
+from fxcook.sites import build_sites
 
 
 def capture(model: nn.Module, example_inputs: Any, inplace: bool = False) -> CookedModel:

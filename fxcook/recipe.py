@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import NotSupportedYet, RecipeError
-from .passbase import DataPass, Pass
+from fxcook.errors import NotSupportedYet, RecipeError
+from fxcook.passbase import DataPass, Pass
 
 
 class Calibration(BaseModel):

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from .errors import SelectorError
-from .sites import KINDS, Site
+from fxcook.errors import SelectorError
+from fxcook.sites import KINDS, Site
 
 
 def match(pattern: str, path: str) -> bool:

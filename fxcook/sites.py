@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .nn import CookedLinear
+from fxcook.nn import CookedLinear
 
 aten = torch.ops.aten
 ACT_OPS = {

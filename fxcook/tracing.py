@@ -24,8 +24,8 @@ from torch.export import Dim
 from torch.export.unflatten import InterpreterModule, UnflattenedModule
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, FxcookError
-from .nn import CookedLinear
+from fxcook.errors import CaptureError, FxcookError
+from fxcook.nn import CookedLinear
 
 LINEAR_TYPES = ("Linear", "Conv1D")
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from fxcook.errors import FxcookError
 from fxcook.nn import CookedLinear
-from fxcook.quant import TensorQuant
-from fxcook.runtime.onnx import _Flat
+from fxcook.passes.quantize.quantizers import TensorQuant
+from fxcook.runtime.lowering import Flat
 from fxcook.tracing import split_inputs
 
 __all__ = ["check_explicit_quantization", "build_engine", "trt_lowered", "compile_torch_tensorrt"]
@@ -202,7 +202,7 @@ def compile_torch_tensorrt(cooked, example_inputs, **options):
         raise FxcookError("torch.ops.tensorrt.quantize_op is not registered (install nvidia-modelopt)")
     args, kwargs = split_inputs(example_inputs)
     flat = (*args, *kwargs.values())
-    low = _Flat(trt_lowered(cooked, torch.ops.tensorrt.quantize_op), len(args), list(kwargs))
+    low = Flat(trt_lowered(cooked, torch.ops.tensorrt.quantize_op), len(args), list(kwargs))
     with torch.no_grad():
         ep = torch.export.export(low, flat, strict=False)
     return torch_tensorrt.dynamo.compile(ep, arg_inputs=flat,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcook.masks import count_24_violations
+from fxcook.passes.sparsify.masks import count_24_violations
 from fxcook.nn import CookedLinear
 
 __all__ = [

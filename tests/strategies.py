@@ -1,7 +1,7 @@
 """Hypothesis strategies: random tiny configs of every supported family and random inputs."""
 from hypothesis import strategies as st
 
-from fxcook.models import FAMILIES, tiny_inputs, tiny_model
+from fxcook.testing import FAMILIES, tiny_inputs, tiny_model
 
 families = st.sampled_from(FAMILIES)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import fxcook
 from fxcook.errors import CaptureError, FxcookError, PassError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 def test_bare_import_gives_submodules_lazily():

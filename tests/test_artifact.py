@@ -11,7 +11,7 @@ from strategies import main_output
 
 import fxcook
 from fxcook.artifact import ArtifactError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 from fxcook.passes.sparsify import update_masks
 
@@ -155,11 +155,9 @@ def test_save_replaces_an_artifact_whole_and_refuses_other_directories(tmp_path,
 
 
 def test_a_loaded_model_saves_again_and_compress_output_loads(tmp_path):
-    from fxcook.checkpoint import load_compressed, save_compressed
-
     x = tiny_inputs("gpt2")
     cooked = fxcook.compile(tiny_model("gpt2"), [Sparsify(), Quantize()], example_inputs=x)
-    once = load_compressed(save_compressed(cooked, tmp_path / "a"))
+    once = fxcook.load(fxcook.save(cooked, tmp_path / "a"))
     extra = {"notes.txt": lambda path: path.write_text("written inside the artifact")}
     twice = fxcook.load(fxcook.save(once, tmp_path / "b", extras=extra))  # the manifest lists the extra file
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["files"].keys() >= {"notes.txt"}

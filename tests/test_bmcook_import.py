@@ -8,7 +8,7 @@ import torch
 import fxcook
 from fxcook import load_recipe
 from fxcook.errors import RecipeError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 
 # BMCook's examples/gpt/configs/gpt2-prune.json, key for key

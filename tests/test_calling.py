@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 import fxcook
 from fxcook.errors import FxcookError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 
 FAMILIES = ("bert", "gpt2", "t5", "llama")
 SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -9,7 +9,7 @@ from torch import nn
 
 import fxcook
 from fxcook.errors import CaptureError
-from fxcook.models import FAMILIES, tiny_inputs, tiny_model
+from fxcook.testing import FAMILIES, tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 
 from strategies import main_output, model_and_inputs

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 import fxcook
 from fxcook.checkpoint import load_quantized, save_quantized
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Quantize
 
 

@@ -11,7 +11,7 @@ from fxcook import passes as P
 from fxcook.cli import main
 from fxcook.data import shakespeare_lines
 from fxcook.manifest import sha256_file
-from fxcook.models import save_tiny_pretrained, tiny_inputs, tiny_model
+from fxcook.testing import save_tiny_pretrained, tiny_inputs, tiny_model
 
 RECIPE = "passes:\n  - quantize: {}\ncalibration: {samples: 8, batch_size: 4, max_length: 32}\n"
 

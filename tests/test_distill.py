@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxcook.distill import DistillLoss, _masked_softmax_logits
+from fxcook.training.losses import DistillLoss, _masked_softmax_logits
 from fxcook.errors import FxcookError, PreconditionError
 
 
@@ -126,7 +126,7 @@ def test_lm_loss_is_cross_entropy_on_shifted_tokens():
 
 
 def test_bind_maps_layers_and_trains_projection():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
 
     x = tiny_inputs("bert")
@@ -136,9 +136,9 @@ def test_bind_maps_layers_and_trains_projection():
     assert loss.hidden_pairs == [("[post]encoder.layer.0", "[post]encoder.layer.1"),
                                  ("[post]encoder.layer.1", "[post]encoder.layer.3")]
     assert len(loss.proj) == 2 and loss.heads == 4
-    from fxcook.passes.tap import run_with_taps
+    from fxcook.taps import run_with_taps
 
-    s_out, s_taps = run_with_taps(student, **x)
+    s_out, s_taps = run_with_taps(student, **x, specs=loss.student_taps())
     t_out, t_taps = run_with_taps(teacher, **x, specs=loss.teacher_taps())
     total, _ = loss(x, s_out, s_taps, t_out, t_taps)
     total.backward()
@@ -149,7 +149,7 @@ def test_bind_maps_layers_and_trains_projection():
 
 
 def test_bad_inputs_give_clear_errors():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
 
     x = tiny_inputs("bert")

@@ -16,8 +16,8 @@ STEPS, BATCH = 4, 8
 
 
 def _setup():
-    from fxcook.distill import DistillLoss
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.training.losses import DistillLoss
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
 
     teacher = tiny_model("llama", seed=1, hidden_size=48)
@@ -38,7 +38,8 @@ def _worker(rank: int, tmp: str):
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from fxcook.trainer import local_param_bytes, train
+    from fxcook.training.distributed import local_param_bytes
+    from fxcook.training.loop import train
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
@@ -74,7 +75,8 @@ def two_rank(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    from fxcook.trainer import local_param_bytes, train
+    from fxcook.training.distributed import local_param_bytes
+    from fxcook.training.loop import train
 
     student, teacher, data, loss = _setup()
     result = train(student, teacher, data, loss, **_kw(str(tmp_path_factory.mktemp("single")), fsdp=False))

@@ -4,7 +4,7 @@ import torch
 from fxcook.passes.sparsify import Sparsify
 
 import fxcook
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 
 FAMILIES = ("bert", "llama")
 

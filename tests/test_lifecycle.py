@@ -13,7 +13,8 @@ import fxcook
 from fxcook.artifact import load_tokenizer
 from fxcook.cli import main
 from fxcook.data import calibration_for, shakespeare_lines
-from fxcook.models import example_batch, load_model, save_tiny_pretrained
+from fxcook.models import example_batch, load_model
+from fxcook.testing import save_tiny_pretrained
 from fxcook.runtime.onnx import OrtModel
 
 RECIPE = """passes:

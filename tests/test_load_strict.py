@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import fxcook
 from fxcook.checkpoint import CheckpointError, load_quantized, save_quantized
 from fxcook.manifest import ManifestError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Quantize, Sparsify
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxcook.errors import FxcookError
-from fxcook.trainer import lr_factor
+from fxcook.training.loop import lr_factor
 
 HALF_COS = 0.5 * (1 + math.cos(math.pi / 4))  # cosine a quarter of the way down
 
@@ -60,9 +60,9 @@ def test_unknown_schedule_is_named():
     ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
 ])
 def test_trainer_sets_the_scheduled_lr_each_step(schedule, want):
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
-    from fxcook.trainer import train
+    from fxcook.training.loop import train
 
     g = torch.Generator().manual_seed(0)
     data = {"input_ids": torch.randint(1, 128, (8, 6), generator=g), "attention_mask": torch.ones(8, 6, dtype=torch.long)}

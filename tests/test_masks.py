@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from fxcook import masks as M
+from fxcook.passes.sparsify import masks as M
+from fxcook.runtime.onnx.checks import validate_onnx_24
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -193,7 +194,7 @@ def test_onnx_validator_reads_matmul_gemm_and_qdq_layouts(tmp_path):
     ]
     path = tmp_path / "m.onnx"
     onnx.save(_model(nodes, inits, [x]), path)
-    rep = M.validate_onnx_24(path)
+    rep = validate_onnx_24(path)
     by = {r.node: r for r in rep.weights}
     assert set(by) == {"mm", "gemm_t", "gemm_n", "qdq", "dense"}
     for name in ("mm", "gemm_t", "gemm_n", "qdq"):
@@ -215,5 +216,5 @@ def test_onnx_validator_catches_a_wrong_axis():
     model = _model(
         [helper.make_node("Gemm", ["x", "w"], ["y"], name="g", transB=1)], [numpy_helper.from_array(bad, "w")], [x]
     )
-    rep = M.validate_onnx_24(model)
+    rep = validate_onnx_24(model)
     assert len(rep.weights) == 1 and not rep.weights[0].is_24

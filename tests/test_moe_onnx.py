@@ -9,12 +9,12 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import fxcook
 from fxcook.errors import NotSupportedYet
-from fxcook.models import tiny_inputs, tiny_model
-from fxcook.moe import MoEFFN, balanced_kmeans
+from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 from fxcook.nn import CookedLinear
-from fxcook.ops import load_all
+from fxcook.runtime.onnx.translations import load_all
 from fxcook.passes import Moefy, Quantize, Relufy
-from fxcook.quant import WeightQuant
+from fxcook.passes.quantize.quantizers import WeightQuant
 from fxcook.runtime.onnx import export, session
 from strategies import assert_ort_matches_int8
 

@@ -8,8 +8,8 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import fxcook
 from fxcook.errors import PassError, PreconditionError
-from fxcook.models import tiny_inputs, tiny_model
-from fxcook.moe import MoEFFN, balanced_kmeans, coactivation_partition, router_recall, train_router
+from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans, coactivation_partition, router_recall, train_router
 from fxcook.nn import CookedLinear
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify
 

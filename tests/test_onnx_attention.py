@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxcook
-from fxcook.models import tiny_inputs, tiny_model
-from fxcook.ops import ONNX_TRANSLATIONS, load_all
+from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, load_all
 from fxcook.runtime import onnx as fxonnx
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxcook
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
-from fxcook.passes.quantize import _input_of
-from fxcook.quant import DynamicTensorQuant, TokenQuant
+from fxcook.passes.quantize.quantize import _input_of
+from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TokenQuant
 from fxcook.runtime import onnx as fxonnx
 from strategies import assert_ort_matches_int8
 

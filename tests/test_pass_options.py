@@ -3,7 +3,7 @@ calibration data."""
 import pytest
 
 from fxcook.errors import FxcookError
-from fxcook.models import tiny_inputs
+from fxcook.testing import tiny_inputs
 from fxcook.passbase import PassOptionError
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 

@@ -8,7 +8,7 @@ import fxcook
 from fxcook.errors import PassError, SelectorError
 from fxcook.passbase import Change, Pass, PassConfig, PassResult
 from fxcook.select import Select, match
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 class Scale(Pass):

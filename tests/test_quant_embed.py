@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fxcook
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedEmbedding, CookedLinear
 from fxcook.passes import Quantize
-from fxcook.quant_embed import cook_embeddings
+from fxcook.passes.quantize.embeddings import cook_embeddings
 from fxcook.runtime import onnx as fxonnx
 
 

@@ -15,14 +15,13 @@ from safetensors import safe_open
 import fxcook
 from fxcook.checkpoint import load_quantized, save_quantized
 from fxcook.errors import NotSupportedYet, PassError
-from fxcook.models import tiny_inputs, tiny_model
-from fxcook.nn import CookedLinear
+from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.nn import CookedLinear, param_quants
 from fxcook.pipeline import apply
-from fxcook.quant import TensorQuant, TokenQuant
-from fxcook.quant_experts import (
+from fxcook.passes.quantize.quantizers import TensorQuant, TokenQuant
+from fxcook.passes.quantize.experts import (
     ExpertInputQuant,
     ExpertWeightQuant,
-    expert_weight_quants,
 )
 from strategies import assert_ort_matches_int8
 
@@ -84,7 +83,7 @@ def test_expert_weight_codes_and_rounding_error(experts, out, inp, reduce_dim, b
 def test_every_expert_weight_is_quantized_in_the_graph(captured, family):
     cooked, x = quantized(captured, family)
     paths = expert_paths(cooked)
-    assert set(expert_weight_quants(cooked)) == set(paths) and len(paths) == 4
+    assert set(param_quants(cooked)) == set(paths) and len(paths) == 4
     changes = {c.path for r in cooked.history for c in r.changes}
     assert set(paths) <= changes
     for path in paths:
@@ -93,7 +92,7 @@ def test_every_expert_weight_is_quantized_in_the_graph(captured, family):
         calls = {n.target: n for n in owner.graph.nodes if n.op == "call_module"}
         assert calls[f"{attr}_quant"].args[0].op == "get_attr"
         assert isinstance(getattr(owner, f"{attr}_input_quant").quant, TokenQuant)
-        codes, _ = expert_weight_quants(cooked)[path].quantize(cooked.get_parameter(path))
+        codes, _ = param_quants(cooked)[path].quantize(cooked.get_parameter(path))
         assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127 and int(codes.min()) >= -127
     float_out, quant_out = logits(captured[family][0], x), logits(cooked, x)
     assert not torch.equal(float_out, quant_out)
@@ -118,7 +117,7 @@ def test_compiled_model_deep_copies_and_trains():
     model, x = tiny_model("qwen2_moe", seed=3), tiny_inputs("qwen2_moe", seed=3)
     cooked = fxcook.compile(model, [Quantize()], example_inputs=x)
     twin = copy.deepcopy(cooked)
-    assert set(expert_weight_quants(twin)) == set(expert_paths(cooked))
+    assert set(param_quants(twin)) == set(expert_paths(cooked))
     torch.testing.assert_close(logits(twin, x), logits(cooked, x), rtol=0, atol=0)
     twin.train()
     twin(**x).logits.sum().backward()
@@ -136,7 +135,7 @@ def test_qat_gradients_reach_every_expert_parameter(captured, family, acts, lear
         grad = cooked.get_parameter(path).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, path
         if learnable:
-            scale = expert_weight_quants(cooked)[path].scale
+            scale = param_quants(cooked)[path].scale
             assert scale.grad is not None and torch.isfinite(scale.grad).all(), path
 
 
@@ -145,7 +144,7 @@ def test_experts_false_leaves_experts_alone_and_linears_as_before(captured, fami
     base, _ = captured[family]
     off, _ = quantized(captured, family, experts=False)
     on, _ = quantized(captured, family)
-    assert not expert_weight_quants(off)
+    assert not param_quants(off)
     assert not any(isinstance(m, (ExpertWeightQuant, ExpertInputQuant)) for m in off.modules())
     experts = {p.rpartition(".")[0] for p in expert_paths(base)}
     code_base, code_off = graph_code(base), graph_code(off)
@@ -160,15 +159,15 @@ def test_experts_false_leaves_experts_alone_and_linears_as_before(captured, fami
 
 def test_exclude_patterns_select_expert_weights_by_parameter_path(captured):
     cooked, _ = quantized(captured, "mixtral", exclude=["*.layers.1.*"])
-    assert sorted(expert_weight_quants(cooked)) == ["model.layers.0.mlp.experts.down_proj",
+    assert sorted(param_quants(cooked)) == ["model.layers.0.mlp.experts.down_proj",
                                                     "model.layers.0.mlp.experts.gate_up_proj"]
     cooked, _ = quantized(captured, "mixtral", exclude=["*.experts.down_proj"])
-    assert all(p.endswith("gate_up_proj") for p in expert_weight_quants(cooked))
+    assert all(p.endswith("gate_up_proj") for p in param_quants(cooked))
 
 
 def test_include_patterns_may_select_only_expert_weights(captured):
     cooked, _ = quantized(captured, "mixtral", include=["*.experts.*"])
-    assert len(expert_weight_quants(cooked)) == 4
+    assert len(param_quants(cooked)) == 4
     assert not any(isinstance(m, CookedLinear) and m.weight_quant is not None for m in cooked.modules())
     with pytest.raises(PassError, match="SelectorError.*no_such_layer"):
         quantized(captured, "mixtral", include=["*.no_such_layer"])
@@ -195,7 +194,7 @@ def test_onnx_export_stores_int8_experts_and_matches_torch(captured, tmp_path, f
     path = export(cooked, tmp_path / "moe.onnx", x)
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
-    for param, quant in expert_weight_quants(cooked).items():
+    for param, quant in param_quants(cooked).items():
         e, n, k = quant.quantize(cooked.get_parameter(param))[0].shape
         int8 = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT8 and list(i.dims) == [e * n, k]]
         assert int8, f"{param}: no int8 [{e * n}, {k}] initializer"
@@ -220,7 +219,7 @@ def test_checkpoint_round_trip_of_quantized_experts(captured, tmp_path, family):
         for p in expert_paths(fresh):
             fresh.get_parameter(p).add_(1.0)  # load must overwrite them
     load_quantized(fresh, path)
-    quants = expert_weight_quants(cooked)
+    quants = param_quants(cooked)
     for p in expert_paths(cooked):
         with torch.no_grad():
             torch.testing.assert_close(fresh.get_parameter(p), quants[p](cooked.get_parameter(p)))

@@ -1,11 +1,11 @@
-"""Properties of the fake quantizers (fxcook.quant) and the fxcook:: quant ops."""
+"""Properties of the fake quantizers (fxcook.passes.quantize.quantizers) and the fxcook:: quant ops."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import fxcook.ops.quant  # noqa: F401  (registers torch.ops.fxcook.*)
+import fxcook.passes.quantize.ops  # noqa: F401  (registers torch.ops.fxcook.*)
 from fxcook.errors import FxcookError
-from fxcook.quant import (ActSpec, DynamicTensorQuant, TensorQuant, TokenQuant, WeightQuant, act_quantizer,
+from fxcook.passes.quantize.quantizers import (ActSpec, DynamicTensorQuant, TensorQuant, TokenQuant, WeightQuant, act_quantizer,
                           calibrate, fake_quant, parse_acts, parse_weights, qmax)
 
 bits = st.integers(2, 8)

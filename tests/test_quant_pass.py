@@ -5,10 +5,10 @@ from hypothesis import given, settings, strategies as st
 
 import fxcook
 from fxcook.errors import PassError, RecipeError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
-from fxcook.quant import TensorQuant, TokenQuant, WeightQuant
+from fxcook.passes.quantize.quantizers import TensorQuant, TokenQuant, WeightQuant
 from fxcook.recipe import parse_recipe
 
 

@@ -7,7 +7,7 @@ from hypothesis import Phase, given, settings, strategies as st
 from torch import nn
 
 import fxcook
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Relufy
 
 RELU_CONFIG = {"bert": {"hidden_act": "relu"}, "gpt2": {"activation_function": "relu"},

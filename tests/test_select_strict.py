@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import fxcook
 from fxcook import passes as P
 from fxcook.errors import PassError, SelectorError
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.select import Select, nearest
 
 LAYER0_FFN = "encoder.layer.0.intermediate.dense"

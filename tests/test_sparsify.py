@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import fxcook
 from fxcook.errors import PassError
-from fxcook.masks import is_24
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.passes.sparsify.masks import is_24
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.sparsify import Sparsify, activation_norms, update_masks
 
@@ -271,7 +271,7 @@ def test_sequential_wanda_calibrates_each_block_on_pruned_predecessors():
     for p in first:
         ref.get_submodule(p).set_mask(ms[p].weight_mask)
     norms = activation_norms(ref, paths1, calib, max_batches=8)
-    from fxcook.masks import wanda
+    from fxcook.passes.sparsify.masks import wanda
     for p in paths1:
         assert torch.equal(ms[p].weight_mask.bool(), wanda(ref.get_submodule(p).weight, norms[p]))
 

@@ -19,11 +19,11 @@ def _worker(rank: int, port: int, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         import fxcook
-        from fxcook.masks import is_24
-        from fxcook.models import tiny_inputs, tiny_model
+        from fxcook.passes.sparsify.masks import is_24
+        from fxcook.testing import tiny_inputs, tiny_model
         from fxcook.nn import CookedLinear
         from fxcook.passes.sparsify import Sparsify, update_masks
-        from fxcook.trainer import shard
+        from fxcook.training.distributed import shard
 
         torch.manual_seed(0)
         model = fxcook.compile(tiny_model("llama"), [Sparsify(method="m4n2_1d", schedule={"start": 0, "end": 2, "every": 1})],

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxcook
-from fxcook.masks import is_24, validate_onnx_24
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.passes.sparsify.masks import is_24
+from fxcook.runtime.onnx.checks import validate_onnx_24
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxcook.errors import PassError, SelectorError
-from fxcook.passes.tap import Tap, TapPoint, collect_taps, parse_spec, run_with_taps, tap_points, teacher_pairs
+from fxcook.passes.tap import Tap
+from fxcook.taps import TapPoint, collect_taps, parse_spec, run_with_taps, tap_points, teacher_pairs
 from fxcook.pipeline import apply, compile
 from strategies import main_output, model_and_inputs
 
@@ -28,7 +29,7 @@ def test_taps_never_change_outputs_and_match_eager(case, pre):
 
 
 def test_globs_pairs_and_collection_scope():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
     cooked = compile(tiny_model("bert"), [Tap("[post]encoder.layer.*:[post]encoder.layer.*",
@@ -59,7 +60,7 @@ def test_spec_syntax():
 
 
 def test_path_matching_nothing_names_nearest():
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
     cooked = compile(tiny_model("bert"), [], x)

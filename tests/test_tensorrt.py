@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxcook
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Quantize, Sparsify
 from fxcook.runtime import onnx as fxonnx
 from fxcook.runtime.tensorrt import build_engine, check_explicit_quantization, trt_lowered

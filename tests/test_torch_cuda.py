@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxcook
-from fxcook.masks import m4n2_1d
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.passes.sparsify.masks import m4n2_1d
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize, Sparsify
 from fxcook.runtime import torch_cuda as TC

@@ -14,14 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxcook.errors import FxcookError
-from fxcook.textdata import StepSampler, TensorDataset, TextDataset
+from fxcook.training.textdata import StepSampler, TensorDataset, TextDataset
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
-    from fxcook.distill import DistillLoss
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.training.losses import DistillLoss
+    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
-    from fxcook.trainer import train
+    from fxcook.training.loop import train
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     data = {"input_ids": torch.randint(1, 128, (40, 10), generator=g),
@@ -75,7 +75,7 @@ def test_resume_after_kill_gives_identical_losses(killed_and_resumed):
 
 def test_corrupt_checkpoint_is_a_clear_error_and_others_stay_intact(killed_and_resumed):
     from fxcook.manifest import sha256_file as _sha256
-    from fxcook.trainer import CheckpointError, latest_checkpoint, verify_checkpoint
+    from fxcook.training.checkpoints import CheckpointError, latest_checkpoint, verify_checkpoint
 
     tmp, _, _ = killed_and_resumed
     out = tmp / "victim"
@@ -125,7 +125,7 @@ def test_bad_data_gives_clear_errors(minilm):
 def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
     from fxcook.cli import main
     from fxcook.data import shakespeare_lines
-    from fxcook.models import tiny_model
+    from fxcook.testing import tiny_model
 
     _, tok = minilm  # a tiny random BERT saved as a local HF directory with MiniLM's tokenizer
     tiny_model("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).save_pretrained(tmp_path / "m")
@@ -151,7 +151,7 @@ def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
 def test_cli_train_with_no_held_out_lines_trains_on_all_lines(tmp_path, minilm):
     from fxcook.cli import main
     from fxcook.data import shakespeare_lines
-    from fxcook.models import tiny_model
+    from fxcook.testing import tiny_model
 
     _, tok = minilm
     tiny_model("bert", vocab_size=tok.vocab_size, max_position_embeddings=64).save_pretrained(tmp_path / "m")
@@ -166,8 +166,8 @@ def test_cli_train_with_no_held_out_lines_trains_on_all_lines(tmp_path, minilm):
 
 def test_fxcook_train_is_callable_and_lm_mode_learns():
     import fxcook
-    from fxcook.distill import DistillLoss
-    from fxcook.models import tiny_inputs, tiny_model
+    from fxcook.training.losses import DistillLoss
+    from fxcook.testing import tiny_inputs, tiny_model
 
     model = tiny_model("llama")
     cooked = fxcook.compile(model, [], tiny_inputs("llama"))

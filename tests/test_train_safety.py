@@ -14,11 +14,12 @@ import fxcook
 from fxcook import passes as P
 from fxcook.cli import main
 from fxcook.data import shakespeare_lines
-from fxcook.distill import DistillLoss
+from fxcook.training.losses import DistillLoss
 from fxcook.errors import FxcookError
 from fxcook.manifest import sha256_file
-from fxcook.models import save_tiny_pretrained, tiny_inputs, tiny_model
-from fxcook.trainer import CheckpointError, latest_checkpoint, save_checkpoint, train
+from fxcook.testing import save_tiny_pretrained, tiny_inputs, tiny_model
+from fxcook.training.checkpoints import CheckpointError, latest_checkpoint, save_checkpoint
+from fxcook.training.loop import train
 
 DATA = {"input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
         "attention_mask": torch.ones(16, 8, dtype=torch.long)}

@@ -4,10 +4,10 @@ import torch
 
 import fxcook
 from fxcook import passes as P
-from fxcook.distill import DistillLoss
-from fxcook.models import tiny_inputs, tiny_model
+from fxcook.training.losses import DistillLoss
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
-from fxcook.trainer import train
+from fxcook.training.loop import train
 
 DATA = {"input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
         "attention_mask": torch.ones(16, 8, dtype=torch.long)}

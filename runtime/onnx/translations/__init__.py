@@ -1,19 +1,17 @@
-"""fxcook's own `torch.library` ops (namespace `fxcook`) and their ONNX translations.
+"""ONNX translations of fxcook's `torch.library` ops (defined by each technique: `passes/*/ops.py`) and of
+aten ops the stock exporter lowers poorly, one module per technique.
 
-Each module here defines custom ops with fake kernels, so graphs containing them re-export, and adds
-an onnxscript translation per op to `ONNX_TRANSLATIONS`, which the ONNX exporter passes to
-`torch.onnx.export(custom_translation_table=...)`.
+Each module adds an onnxscript translation per op to `ONNX_TRANSLATIONS`, which the ONNX exporter passes
+to `torch.onnx.export(custom_translation_table=...)`.
 """
 from __future__ import annotations
 
 import functools
-import importlib
-import pkgutil
 
 import onnx
 from onnxscript.values import Op, Opset
 
-from ..errors import NotSupportedYet
+from fxcook.errors import NotSupportedYet
 
 ONNX_TRANSLATIONS: dict = {}
 
@@ -59,7 +57,7 @@ def ort_op(name: str) -> Op:
 
 
 def load_all() -> dict:
-    """Import every op module (registering its ops and translations); returns the table."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    """Import every translation module (registering its ops and translations); returns the table."""
+    from . import attention, moe, quant
+
     return ONNX_TRANSLATIONS

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .errors import FxcookError
+from fxcook.errors import FxcookError
 
 
 class TextDataset:

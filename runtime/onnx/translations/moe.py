@@ -1,9 +1,5 @@
-"""`fxcook::moe_ffn`: the routed-expert FFN as one op, lowered to ONNX Runtime's MoE / QMoE.
-
-`MoEFFN.forward` calls this op only while being exported, so the exported graph carries the
-routed FFN as a single node instead of data-dependent per-expert loops. The CPU/CUDA kernel is
-the same routed computation the module runs eagerly. The ONNX translation emits
-`com.microsoft.MoE` (float experts) or `com.microsoft.QMoE` (int8 experts, weight-only).
+"""ONNX translation of `fxcook::moe_ffn` (`fxcook.passes.moefy.ops`) to `com.microsoft.MoE` (float experts)
+or `com.microsoft.QMoE` (int8 experts, weight-only).
 
 ORT's MoE applies softmax to `router_probs`, keeps the top-k and renormalises them. The
 translation turns fxcook's scores into probabilities that are 0 on the chosen experts and -1e4
@@ -14,42 +10,18 @@ from __future__ import annotations
 
 from typing import Optional
 
+import fxcook.passes.moefy.ops
 import torch
-from onnxscript import FLOAT, UINT8, opset18 as op
+from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
+from onnxscript import FLOAT, UINT8
+from onnxscript import opset18 as op
 
-from ..errors import NotSupportedYet
-from ..moe import routed_ffn
-from . import ONNX_TRANSLATIONS, ort_op
-
-
+from fxcook.errors import NotSupportedYet
 
 ORT_MOE, ORT_QMOE = ort_op("MoE"), ort_op("QMoE")
 
 # fxcook activation name -> ORT MoE activation_type (ORT's gelu is the tanh approximation).
 ORT_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
-
-
-@torch.library.custom_op("fxcook::moe_ffn", mutates_args=())
-def moe_ffn(
-    x: torch.Tensor,
-    scores: torch.Tensor,
-    up: torch.Tensor,
-    up_bias: Optional[torch.Tensor],
-    gate: Optional[torch.Tensor],
-    gate_bias: Optional[torch.Tensor],
-    down: torch.Tensor,
-    down_bias: Optional[torch.Tensor],
-    top_k: int,
-    activation: str,
-    weight_bits: int,
-) -> torch.Tensor:
-    """Top-k routed FFN on tokens x [T, d]; up/gate [E, m, d], down [E, d, m] (see fxcook.moe)."""
-    return routed_ffn(x, scores, up, up_bias, gate, gate_bias, down, down_bias, top_k, activation)
-
-
-@moe_ffn.register_fake
-def _(x, scores, up, up_bias, gate, gate_bias, down, down_bias, top_k, activation, weight_bits):
-    return x.new_empty(x.shape[0], down.shape[1])
 
 
 def _ort_activation(activation: str, gated: bool) -> dict:

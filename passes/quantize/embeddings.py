@@ -1,20 +1,18 @@
-"""Embedding tables as int8: find captured embedding submodules, make them quantizable, lower them.
+"""Embedding tables as int8: find captured embedding submodules and make them quantizable.
 
 Capture leaves each `nn.Embedding` as a submodule whose graph is one `aten.embedding` on its own
 weight. `cook_embeddings` swaps those for `CookedEmbedding` (same Parameter, same call signature),
 so the Quantize pass can give them a per-row int8 `weight_quant` (weight-only: a lookup has no input
-to quantize). For ONNX, `EmbeddingInt8Export` gathers int8 rows and their scales and multiplies,
-so ONNX Runtime never dequantizes the whole table: the file holds a quarter of the fp32 bytes.
+to quantize). Their ONNX form is `fxcook.runtime.lowering.EmbeddingInt8Export`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .nn import CookedEmbedding
+from fxcook.nn import CookedEmbedding
 
-__all__ = ["cook_embeddings", "EmbeddingInt8Export"]
+__all__ = ["cook_embeddings"]
 
 aten = torch.ops.aten
 
@@ -51,18 +49,3 @@ def cook_embeddings(cooked: nn.Module) -> dict[str, CookedEmbedding]:
         found[path] = CookedEmbedding(*lookup)
         setattr(cooked.get_submodule(parent), name, found[path])
     return found
-
-
-class EmbeddingInt8Export(nn.Module):
-    """The ONNX form of a quantized CookedEmbedding: Gather on the int8 table and on the row scales."""
-
-    def __init__(self, emb: CookedEmbedding):
-        super().__init__()
-        with torch.no_grad():
-            codes, scale = emb.weight_quant.quantize(emb.weight.detach().float())
-        self.register_buffer("qweight", codes)
-        self.register_buffer("scale", scale.reshape(-1).contiguous())
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        scale = F.embedding(ids, self.scale.unsqueeze(-1))
-        return F.embedding(ids, self.qweight).to(torch.float32) * scale

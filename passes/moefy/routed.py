@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm.auto import tqdm
 
-from .nn import HookedWeight
+from fxcook.nn import HookedWeight
 
 __all__ = [
     "ACTIVATIONS",
@@ -395,32 +395,25 @@ class MoEFFN(nn.Module):
 
     def expert_mass(self, x: torch.Tensor) -> torch.Tensor:
         """True activation mass per expert [T, E]: the oracle's scores and the router's target."""
-        return self.intermediate(self._quant_in(x)).abs().sum(-1)
+        return self.intermediate(self.quant_in(x)).abs().sum(-1)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is None:
             return self.expert_mass(x)
         return self.router(x)
 
-    def _quant_in(self, x: torch.Tensor) -> torch.Tensor:
+    def quant_in(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.up.input_quant is None else self.up.input_quant(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         scores = self.scores(x2)
-        xq = self._quant_in(x2)
+        xq = self.quant_in(x2)
         up_b = self.up.bias
         gate_w = None if self.gate is None else self.gate.effective_weight()
         gate_b = None if self.gate is None else self.gate.bias
-        if torch.compiler.is_exporting():
-            import fxcook.ops.moe  # noqa: F401  (registers torch.ops.fxcook.moe_ffn)
-
-            out = torch.ops.fxcook.moe_ffn(
-                xq, scores, self.up.effective_weight(), up_b, gate_w, gate_b,
-                self.down.effective_weight(), self.down.bias, self.top_k, self.act, self.weight_bits,
-            )
-        elif self.top_k == self.experts:
+        if self.top_k == self.experts:
             h = self.intermediate(xq).reshape(x2.shape[0], -1)
             if self.down.input_quant is not None:
                 h = self.down.input_quant(h)

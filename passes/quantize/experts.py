@@ -13,40 +13,33 @@ that owns the parameter (the experts module):
 (expert, output channel), STE rounding, so QAT gradients reach the 3-D parameter. `ExpertInputQuant`
 applies the pass's activation quantizer to the GEMM's activation operand, whose rows are routed
 tokens (per-token scales are per routed token, as each expert's GEMM sees them). Static per-tensor
-quantizers are ordinary `TensorQuant`s, calibrated by `fxcook.quant.calibrate` with the linears'.
+quantizers are ordinary `TensorQuant`s, calibrated by `fxcook.passes.quantize.quantizers.calibrate` with the linears'.
 Running the rewrite again replaces the quantizers in place, so quantizing twice equals once.
 
-For ONNX export (`lowered_experts`) the quantizers are swapped for modules that store the int8
-codes as `[E*N, K]` initializers with per-row scales (DequantizeLinear, axis 0) and quantize the
-activation to integer codes with fxcook's ops, rescaled in float (the GEMM itself runs in float).
+For ONNX export, `fxcook.runtime.lowering` swaps the quantizers for their export forms.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
 from torch import nn
 
-from .errors import NotSupportedYet, PassError, SelectorError
-from .quant import (
+from fxcook.errors import NotSupportedYet, PassError, SelectorError
+from fxcook.nn import ParamQuant
+from fxcook.passes.quantize.quantizers import (
     ActSpec,
-    DynamicTensorQuant,
-    TensorQuant,
-    TokenQuant,
     WeightQuant,
     WeightSpec,
     act_quantizer,
 )
-from .select import Select
-from .tracing import finalize
+from fxcook.select import Select
+from fxcook.tracing import finalize
 
 __all__ = [
     "ExpertInputQuant",
     "ExpertWeightQuant",
-    "expert_weight_quants",
     "grouped_gemm_ops",
-    "lowered_experts",
     "quantize_experts",
     "select_experts",
 ]
@@ -64,7 +57,7 @@ def grouped_gemm_ops() -> tuple:
     return tuple(ops)
 
 
-class ExpertWeightQuant(WeightQuant):
+class ExpertWeightQuant(WeightQuant, ParamQuant):
     """Fake-quantizes a 3-D expert weight per (expert, output channel), or per input-column group.
 
     `reduce_dim` is the parameter's contracted axis (2 for HF's `[E, out, in]`, 1 for a transposed
@@ -153,7 +146,7 @@ def _trace_gemms(start: torch.fx.Node, path: str) -> list[tuple[torch.fx.Node, i
     return out
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
@@ -174,7 +167,7 @@ def quantize_experts(cooked: nn.Module, paths: list[str], weights: WeightSpec, a
         if len(reads) != 1:
             raise PassError(f"quantize: expert weight {path} is read {len(reads)} times in {owner_path}'s graph, expected once")
         read = reads[0]
-        wname, xname = f"{_safe(attr)}_quant", f"{_safe(attr)}_input_quant"
+        wname, xname = f"{safe_name(attr)}_quant", f"{safe_name(attr)}_input_quant"
         existing = [u for u in read.users if u.op == "call_module" and u.target == wname]
         src = existing[0] if existing else read
         gemms = _trace_gemms(src, path)
@@ -227,93 +220,3 @@ def _set_input_quant(owner: nn.Module, graph: torch.fx.Graph, gemm: torch.fx.Nod
             node = graph.create_node("call_module", name, (x,))
         node.meta["val"] = x.meta.get("val")
         gemm.replace_input_with(x, node)
-
-
-def expert_weight_quants(model: nn.Module) -> dict[str, ExpertWeightQuant]:
-    """Parameter path -> its ExpertWeightQuant, for every quantized expert weight in `model`."""
-    out = {}
-    for path, mod in model.named_modules():
-        graph = getattr(mod, "graph", None)
-        if not isinstance(graph, torch.fx.Graph):
-            continue
-        for node in graph.nodes:
-            if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) != "get_attr":
-                continue
-            quant = getattr(mod, node.target, None)
-            if isinstance(quant, ExpertWeightQuant):
-                out[f"{path}.{node.args[0].target}" if path else node.args[0].target] = quant
-    return out
-
-
-# --- ONNX lowering ------------------------------------------------------------------------------
-
-class ExpertWeightExport(nn.Module):
-    """A quantized expert weight as int8 `[E*out, in]` codes + per-row scales (DequantizeLinear, axis
-    0 in ONNX, or per group); returns the dequantized weight in the parameter's own layout."""
-
-    def __init__(self, quant: ExpertWeightQuant, weight: torch.Tensor):
-        super().__init__()
-        codes, scale = quant.quantize(weight.detach().float())
-        self.shape = tuple(codes.shape)  # [E, out, in]
-        self.reduce_dim, self.group = quant.reduce_dim, quant.group_size
-        self.register_buffer("qweight", codes.reshape(-1, self.shape[-1]).contiguous())
-        self.register_buffer("wscale", scale.reshape(self.qweight.shape[0], -1).squeeze(-1).contiguous()
-                             if self.group is None else scale.reshape(self.qweight.shape[0], -1).contiguous())
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:  # the float parameter is not read
-        if self.group is not None:
-            rows = torch.ops.fxcook.dequantize_groups(self.qweight, self.wscale, self.group)
-        else:
-            rows = torch.ops.fxcook.dequantize(self.qweight, self.wscale, 0)
-        canon = rows.reshape(self.shape)
-        return canon if self.reduce_dim == 2 else canon.transpose(1, 2)
-
-
-class ExpertInputExport(nn.Module):
-    """An expert GEMM's token operand quantized to integer codes (fxcook's ops) and rescaled in float."""
-
-    def __init__(self, quant: nn.Module):
-        super().__init__()
-        if isinstance(quant, TensorQuant):
-            if not quant.calibrated:
-                raise PassError("export: a static expert activation quantizer was never calibrated "
-                                "(run fxcook.quant.calibrate first)")
-            self.register_buffer("ascale", quant.scale.detach().abs().float().reshape(()).clone())
-        elif not isinstance(quant, (TokenQuant, DynamicTensorQuant)):
-            raise NotSupportedYet(f"export: expert input quantizer {type(quant).__name__} has no ONNX lowering")
-        self.quant = quant
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .ops.quant import TOKEN_ZERO_POINT
-
-        if isinstance(self.quant, TokenQuant):
-            codes, s = torch.ops.fxcook.quantize_per_token(x, self.quant.bits)
-            return (codes.to(torch.float32) - TOKEN_ZERO_POINT) * s
-        if isinstance(self.quant, TensorQuant):
-            # int8 codes times the scale as a float Mul, not DequantizeLinear: ORT's QDQ fusions around
-            # the expert GEMM changed the results (3% off); no Q -> DQ pair means none applies
-            return torch.ops.fxcook.quantize(x, self.ascale, 0, self.quant.bits).to(torch.float32) * self.ascale
-        return self.quant(x)  # DynamicQuantizeLinear's arithmetic as plain float ops
-
-
-@contextlib.contextmanager
-def lowered_experts(model: nn.Module):
-    """`model` with its expert quantizers swapped for their export forms for the block's duration."""
-    import fxcook.ops.quant  # noqa: F401  (registers the fxcook:: ops)
-
-    swapped = []
-    try:
-        for path, quant in expert_weight_quants(model).items():
-            owner_path, _, attr = path.rpartition(".")
-            owner = model.get_submodule(owner_path)
-            for name, mod in list(owner.named_children()):
-                if mod is quant:
-                    setattr(owner, name, ExpertWeightExport(quant, getattr(owner, attr)))
-                    swapped.append((owner, name, mod))
-                elif isinstance(mod, ExpertInputQuant) and name == f"{_safe(attr)}_input_quant":
-                    setattr(owner, name, ExpertInputExport(mod.quant))
-                    swapped.append((owner, name, mod))
-        yield model
-    finally:
-        for owner, name, mod in swapped:
-            setattr(owner, name, mod)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FxcookError
-from .tracing import call_batch
+from fxcook.errors import FxcookError
+from fxcook.tracing import call_batch
 
 __all__ = [
     "qmax", "fake_quant", "parse_weights", "parse_acts", "WeightQuant", "TokenQuant", "TensorQuant",
@@ -264,7 +264,7 @@ class TensorQuant(_ActQuant):
             return x
         if not self.calibrated:
             raise FxcookError("a static (int/tensor) activation quantizer has no scale: run "
-                              "fxcook.quant.calibrate(cooked, batches) or pass calibration data to Quantize")
+                              "fxcook.passes.quantize.quantizers.calibrate(cooked, batches) or pass calibration data to Quantize")
         scale = self.scale.abs().clamp(min=EPS)
         if self.learnable:
             scale = _grad_scaled(scale, (x.numel() * self.q) ** -0.5)

@@ -8,11 +8,11 @@ ONNX. Masks from `Sparsify` are applied before quantization, so pruned weights s
 
 By default only linears inside transformer blocks are quantized: embeddings, poolers and output
 heads are left in float (`select.scope: all` or include patterns change that). `embeddings: true`
-also stores every embedding table as int8 per row (weight-only, `fxcook.quant_embed`; a table tied to
+also stores every embedding table as int8 per row (weight-only, `fxcook.passes.quantize.embeddings`; a table tied to
 an output head stays tied).
 
 HF MoE expert matmuls (`expert_bmm` sites: 3-D expert weights read by a grouped GEMM) are quantized
-too unless `experts: false`: `fxcook.quant_experts` inserts quantizer nodes into the experts module's
+too unless `experts: false`: `fxcook.passes.quantize.experts` inserts quantizer nodes into the experts module's
 graph (weights per expert and output channel, the GEMM's token operand with `acts`), selected by
 their parameter path with the same include/exclude patterns and scope. SmoothQuant and
 `sensitive_inputs` apply to linears only.
@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from fxcook.errors import FxcookError, PassError, PreconditionError, SelectorError
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
-from fxcook.quant import OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights, smooth_factors
-from fxcook.quant_embed import cook_embeddings
-from fxcook.quant_experts import quantize_experts, select_experts
+from fxcook.passes.quantize.quantizers import OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights, smooth_factors
+from fxcook.passes.quantize.embeddings import cook_embeddings
+from fxcook.passes.quantize.experts import quantize_experts, select_experts
 from fxcook.select import Select
 from fxcook.tracing import calibration_batches, call_batch
 

@@ -1,7 +1,7 @@
 """Moefy: split each selected FFN into E routed experts that really compute less (MoEfication).
 
 Each FFN site (up -> act -> down, or gated down(act(gate(x)) * up(x))) becomes one
-`fxcook.moe.MoEFFN`: its intermediate neurons are partitioned into E equal groups (balanced
+`fxcook.passes.moefy.routed.MoEFFN`: its intermediate neurons are partitioned into E equal groups (balanced
 k-means on the L2-normalised rows of the activated projection, or a co-activation graph partition
 from calibration data) and the weights are permuted into an expert-major layout, keeping every
 value. A router (the ground-truth oracle, or an MLP trained on calibration hidden states) picks
@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxcook.errors import PassError, PreconditionError, SelectorError
-from fxcook.moe import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partition, train_router
+from fxcook.passes.moefy.routed import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partition, train_router
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.select import Select

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from .errors import FxcookError, PreconditionError
+from fxcook.errors import FxcookError, PreconditionError
+from fxcook.taps import parse_spec, run_with_taps, tap_points, teacher_pairs
 
 Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq")
 K_NAMES = ("key", "k_proj", "k", "k_lin", "wk")
@@ -132,15 +133,11 @@ class DistillLoss(nn.Module):
 
     # ---- binding: which taps, which projections -------------------------------------------------
     def _block_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
-        from fxcook.passes.tap import tap_points
-
         c = self.config
         layer_map = c.layer_map
         if layer_map is None:
             layer_map = "taps" if any(tp.pair for tp in tap_points(student).values()) else "uniform"
         if isinstance(layer_map, list):
-            from fxcook.passes.tap import parse_spec
-
             pairs = []
             for text in layer_map:
                 s, t = parse_spec(text)
@@ -149,8 +146,6 @@ class DistillLoss(nn.Module):
                 pairs.append((str(s), str(t)))
             return pairs
         if layer_map == "taps":
-            from fxcook.passes.tap import teacher_pairs
-
             pairs = teacher_pairs(student, [p for p, _ in teacher.named_modules() if p])
             if not pairs:
                 raise FxcookError("layer_map='taps' but the student has no paired taps (Tap('s:t'))")
@@ -188,13 +183,12 @@ class DistillLoss(nn.Module):
     def teacher_taps(self) -> list[str]:
         return sorted({t for _, t in self.hidden_pairs} | {x for _, t in self.qkv_pairs for x in t})
 
-    def bind(self, student: nn.Module, teacher: nn.Module | None, batch: dict) -> "DistillLoss":
-        """Resolve layer pairs and taps, add missing student taps, and size the projections.
+    def bind(self, student: nn.Module, teacher: nn.Module | None, batch: dict) -> DistillLoss:
+        """Resolve layer pairs and taps and size the projections; `student` is not changed (taps without
+        a TapPoint are collected through forward hooks, as on the teacher).
 
         Runs one forward of each model on `batch` (before any sharding) to learn tap widths.
         """
-        from fxcook.passes.tap import Tap, run_with_taps, tap_points
-
         c = self.config
         if not self.needs_teacher:
             self.bound = True
@@ -210,11 +204,6 @@ class DistillLoss(nn.Module):
         pairs = self._block_pairs(student, teacher) if (c.hidden_mse or c.hidden_cos or c.attention or c.relation) else []
         self.hidden_pairs = pairs if (c.hidden_mse or c.hidden_cos) else []
         self.qkv_pairs = [(self._qkv(student, s), self._qkv(teacher, t)) for s, t in pairs] if (c.attention or c.relation) else []
-        missing = [t for t in self.student_taps() if t not in tap_points(student)]
-        if missing and hasattr(student, "history"):
-            from .pipeline import apply
-
-            apply(student, [Tap(*missing)])
         was = student.training, teacher.training
         with torch.no_grad():
             _, st = run_with_taps(student, **batch, specs=self.student_taps())

@@ -10,11 +10,10 @@ identical. Causal, float-mask and mask-free calls go to the stock translation un
 from __future__ import annotations
 
 import torch
+from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS
 from onnxscript import ir
 from onnxscript import opset20 as op
 from onnxscript.function_libs.torch_lib.ops import nn as torchlib
-
-from . import ONNX_TRANSLATIONS
 
 
 def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from fxcook.errors import PassError, PreconditionError
-from fxcook.masks import count_24_violations, make_mask
+from fxcook.passes.sparsify.masks import count_24_violations, make_mask
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.select import Select

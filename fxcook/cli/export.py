@@ -1,0 +1,48 @@
+"""`fxcook export`: a saved model to ONNX or a TensorRT engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fxcook.errors import FxcookError
+from fxcook.paths import check_out_file
+
+
+def placeholder_batch(cooked) -> dict:
+    """A batch shaped like the one `cooked` was captured on, from its graph's input metadata
+    (ones for masks, zeros for other integer inputs): enough to trace an export."""
+    import torch
+
+    batch = {}
+    for node in cooked.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            shape = [d.node.hint if isinstance(d, torch.SymInt) else d for d in val.shape]
+            if any(d is None for d in shape):
+                raise FxcookError(f"export: input {node.name} of the saved model has no example size")
+            fill = torch.ones if "mask" in node.name else torch.zeros
+            batch[node.name] = fill(shape, dtype=val.dtype)
+    if not batch:
+        raise FxcookError("export: the saved model's graph records no tensor inputs to trace it with")
+    return batch
+
+
+def cmd_export(args) -> int:
+    source = Path(args.dir)
+    if not source.is_dir():
+        raise FxcookError(f"export: {source} is not a directory holding a saved fxcook model")
+    suffix = ".onnx" if args.to == "onnx" else ".engine"
+    target = check_out_file(Path(args.out) if args.out else source.with_name(source.name + suffix))
+    if args.to == "tensorrt" and target.suffix == ".onnx":
+        raise FxcookError(f"--out {target}: a TensorRT engine needs another suffix than .onnx (e.g. .engine), "
+                          f"since the ONNX it is built from is written beside it")
+    onnx_path = target if args.to == "onnx" else check_out_file(target.with_suffix(".onnx"), "ONNX file")
+    from fxcook import load
+    from fxcook.runtime import onnx as onnx_rt
+
+    cooked = load(source)
+    print(f"wrote {onnx_rt.export(cooked, onnx_path, example_inputs=placeholder_batch(cooked))}")
+    if args.to == "tensorrt":
+        from fxcook.runtime import tensorrt as trt_rt
+
+        print(f"wrote {trt_rt.build_engine(onnx_path, target, sparse=args.sparse)}")
+    return 0
