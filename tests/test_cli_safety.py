@@ -112,21 +112,17 @@ def test_degenerate_tokenizer_is_an_error_naming_the_model(tmp_path, capsys):
 
 
 # ---- export -------------------------------------------------------------------------------------------
-def _saved(tmp_path, monkeypatch, passes):
-    """A saved-model directory whose load returns `cooked` (fxcook.load's own tests cover the format)."""
+def _saved(tmp_path, passes):
+    """A model saved with fxcook.save, and the cooked model it was saved from."""
     batch = tiny_inputs("bert", batch=2, seq=8)
     cooked = fxcook.compile(tiny_model("bert"), passes(batch), batch)
-    folder = tmp_path / "saved"
-    folder.mkdir()
-    monkeypatch.setattr(fxcook, "load", lambda d: cooked if d == folder else pytest.fail(f"loaded {d}"),
-                        raising=False)
-    return folder, cooked
+    return fxcook.save(cooked, tmp_path / "saved"), cooked
 
 
-def test_export_onnx_matches_the_model(tmp_path, monkeypatch, capsys):
+def test_export_onnx_matches_the_model(tmp_path, capsys):
     from fxcook.runtime.onnx import OrtModel
 
-    folder, cooked = _saved(tmp_path, monkeypatch, lambda b: [P.Quantize(calibration=[b])])
+    folder, cooked = _saved(tmp_path, lambda b: [P.Quantize(calibration=[b])])
     assert main(["export", str(folder), "--to", "onnx"]) == 0
     path = tmp_path / "saved.onnx"
     assert f"wrote {path}" in capsys.readouterr().out
@@ -137,8 +133,8 @@ def test_export_onnx_matches_the_model(tmp_path, monkeypatch, capsys):
     assert (got - ref).abs().max() < 1e-4
 
 
-def test_export_argument_errors(tmp_path, monkeypatch, capsys):
-    folder, _ = _saved(tmp_path, monkeypatch, lambda b: [])
+def test_export_argument_errors(tmp_path, capsys):
+    folder, _ = _saved(tmp_path, lambda b: [])
     assert main(["export", str(tmp_path / "nowhere"), "--to", "onnx"]) == 2
     assert f"export: {tmp_path / 'nowhere'} is not a directory" in capsys.readouterr().err
     assert main(["export", str(folder), "--to", "onnx", "--out", str(tmp_path)]) == 2
@@ -150,10 +146,10 @@ def test_export_argument_errors(tmp_path, monkeypatch, capsys):
     assert "invalid choice: 'openvino'" in capsys.readouterr().err
 
 
-def test_export_tensorrt_writes_the_checked_onnx_then_builds_or_says_why(tmp_path, monkeypatch, capsys):
+def test_export_tensorrt_writes_the_checked_onnx_then_builds_or_says_why(tmp_path, capsys):
     from fxcook.runtime.tensorrt import check_explicit_quantization
 
-    folder, _ = _saved(tmp_path, monkeypatch, lambda b: [P.Quantize(acts="int8/tensor", calibration=[b])])
+    folder, _ = _saved(tmp_path, lambda b: [P.Quantize(acts="int8/tensor", calibration=[b])])
     engine = tmp_path / "m.engine"
     rc = main(["export", str(folder), "--to", "tensorrt", "--out", str(engine)])
     assert check_explicit_quantization(tmp_path / "m.onnx") == []

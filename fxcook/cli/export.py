@@ -7,25 +7,6 @@ from fxcook.errors import FxcookError
 from fxcook.paths import check_out_file
 
 
-def placeholder_batch(cooked) -> dict:
-    """A batch shaped like the one `cooked` was captured on, from its graph's input metadata
-    (ones for masks, zeros for other integer inputs): enough to trace an export."""
-    import torch
-
-    batch = {}
-    for node in cooked.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(val, torch.Tensor):
-            shape = [d.node.hint if isinstance(d, torch.SymInt) else d for d in val.shape]
-            if any(d is None for d in shape):
-                raise FxcookError(f"export: input {node.name} of the saved model has no example size")
-            fill = torch.ones if "mask" in node.name else torch.zeros
-            batch[node.name] = fill(shape, dtype=val.dtype)
-    if not batch:
-        raise FxcookError("export: the saved model's graph records no tensor inputs to trace it with")
-    return batch
-
-
 def cmd_export(args) -> int:
     source = Path(args.dir)
     if not source.is_dir():
@@ -40,7 +21,8 @@ def cmd_export(args) -> int:
     from fxcook.runtime import onnx as onnx_rt
 
     cooked = load(source)
-    print(f"wrote {onnx_rt.export(cooked, onnx_path, example_inputs=placeholder_batch(cooked))}")
+    # traced on the inputs it was captured on, so the ONNX takes what the original model was called with
+    print(f"wrote {onnx_rt.export(cooked, onnx_path, example_inputs=cooked.origin.inputs)}")
     if args.to == "tensorrt":
         from fxcook.runtime import tensorrt as trt_rt
 
