@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 
 import fxcook
 from fxcook.cli import main
 from fxcook.nn import CookedLinear
-from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 from fxcook.taps import TapPoint
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import call_sites
@@ -42,7 +42,7 @@ def test_every_quantized_linear_node_is_annotated(sparse_quant):
     linears = notes_of(sparse_quant, CookedLinear)
     quantized = {p for p in linears if sparse_quant.get_submodule(p).weight_quant is not None}
     assert len(quantized) == 12
-    assert {p: linears[p] for p in quantized} == dict.fromkeys(quantized, [QUANT_24])
+    assert {p: linears[p] for p in quantized} == {p: [QUANT_24] for p in quantized}
     assert {p: linears[p] for p in set(linears) - quantized} == {"pooler.dense": [None]}  # left alone by default
     text = sparse_quant.graph_text()
     for path in quantized:
