@@ -155,14 +155,15 @@ class WeightQuant(nn.Module):
         codes = torch.clamp(torch.round(self._grouped(w.float()) / scale), -self.q, self.q)
         return codes.to(torch.int8).reshape(w.shape), scale.squeeze(-1)
 
+    def scheme(self) -> str:
+        return f"int{self.bits}/" + ("channel" if self.group_size is None else f"group{self.group_size}")
+
     def describe(self) -> str:
         """The scheme as `CookedModel.print_graph` shows it: `int8/channel`, `int4/group128 lsq`."""
-        where = "channel" if self.group_size is None else f"group{self.group_size}"
-        return f"int{self.bits}/{where}" + (" lsq" if self.learnable else "")
+        return self.scheme() + (" lsq" if self.learnable else "")
 
     def extra_repr(self) -> str:
-        where = "channel" if self.group_size is None else f"group{self.group_size}"
-        return f"int{self.bits}/{where}" + (", lsq" if self.learnable else "")
+        return self.scheme() + (", lsq" if self.learnable else "")
 
 
 class _ActQuant(nn.Module):
