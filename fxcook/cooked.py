@@ -110,13 +110,59 @@ class CookedModel(UnflattenedModule):
         setattr(parent, name, module)
         return old
 
-    def named_nodes(self):
-        """(`module.path/node`, node) for every node of every graph: names qualified by module path."""
+    def graphs(self):
+        """(module path, module, graph) for every module of the hierarchy that has a graph."""
         for path, mod in self.named_modules():
             graph = getattr(mod, "graph", None)
-            if graph is not None:
-                for node in graph.nodes:
-                    yield f"{path}/{node.name}", node
+            if isinstance(graph, Graph):
+                yield path, mod, graph
+
+    def named_nodes(self):
+        """(`module.path/node`, node) for every node of every graph: names qualified by module path."""
+        for path, _, graph in self.graphs():
+            for node in graph.nodes:
+                yield f"{path}/{node.name}", node
+
+    def graph_notes(self) -> dict[str, str]:
+        """`module.path/node` -> what the passes did there, for each call_module node they changed.
+
+        The called module says it itself (a duck-typed `describe()`: CookedLinear, quantizers, MoEFFN,
+        TapPoint; "" when untouched), so core knows no technique; a leaf module without one that a
+        pass swapped in (Relufy's ReLU) is described by its class and that pass's last change, and an
+        `nn.Identity` a pass left behind (Moefy's split form) as computed elsewhere.
+        """
+        changed = {c.path: c.what for record in self.history for c in record.changes}
+        notes = {}
+        for path, mod, graph in self.graphs():
+            for node in graph.nodes:
+                if node.op != "call_module":
+                    continue
+                callee, target = mod.get_submodule(node.target), f"{path}.{node.target}" if path else node.target
+                if callable(getattr(callee, "describe", None)):
+                    note = callee.describe()
+                elif target in changed and isinstance(callee, nn.Identity):
+                    note = "Identity (computed elsewhere since a pass)"
+                elif target in changed and not isinstance(getattr(callee, "graph", None), Graph):
+                    note = f"{type(callee).__name__} ({changed[target]})"
+                else:
+                    note = ""
+                if note:
+                    notes[f"{path}/{node.name}"] = note
+        return notes
+
+    def graph_text(self) -> str:
+        """Every graph of the hierarchy, one node a line, each changed node followed by `# what was done`."""
+        notes, lines = self.graph_notes(), []
+        for path, _, graph in self.graphs():
+            lines.append(f"graph {path or '(root)'}:")
+            for node in graph.nodes:
+                note = notes.get(f"{path}/{node.name}")
+                lines.append(f"    {node.format_node()}" + (f"  # {note}" if note else ""))
+        return "\n".join(lines)
+
+    def print_graph(self, file=None) -> None:
+        """Print `graph_text()`: the graphs with each compression written beside its node."""
+        print(self.graph_text(), file=file)
 
     def recompile(self) -> None:
         """Lint and regenerate the code of every graph after an edit."""

@@ -12,11 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def describe_quant(quant: nn.Module) -> str:
+    """A quantizer's scheme (`int8/channel`): its own `describe()`, else its class name."""
+    return quant.describe() if callable(getattr(quant, "describe", None)) else type(quant).__name__
+
+
 class HookedWeight:
     """Size metadata of a module carrying the `weight_mask` / `weight_quant` hooks."""
 
     weight_mask: torch.Tensor | None
     weight_quant: nn.Module | None
+    mask_note: str | None = None  # how the mask was made, e.g. "2:4 mask (wanda)"; set with the mask
 
     @property
     def bits(self) -> int:
@@ -25,6 +31,18 @@ class HookedWeight:
     @property
     def density(self) -> float:
         return 1.0 if self.weight_mask is None else float(self.weight_mask.float().mean())
+
+    def compression(self) -> list[str]:
+        """What passes did to this weight, in words: `["int8/channel x int8/token", "2:4 mask (wanda), density
+        0.50"]`; empty when nothing was (what `CookedModel.print_graph` shows beside the node)."""
+        out = []
+        wq, iq = self.weight_quant, getattr(self, "input_quant", None)
+        if wq is not None or iq is not None:
+            schemes = [describe_quant(wq) if wq is not None else "float"]
+            out.append(" x ".join(schemes + ([describe_quant(iq)] if iq is not None else [])))
+        if self.weight_mask is not None:
+            out.append(f"{self.mask_note or 'mask'}, density {self.density:.2f}")
+        return out
 
 
 class CookedLinear(HookedWeight, nn.Module):
@@ -48,11 +66,13 @@ class CookedLinear(HookedWeight, nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
-        """Install (or remove) a weight mask as a persistent buffer named `weight_mask`."""
+    def set_mask(self, mask: torch.Tensor | None, note: str | None = None) -> None:
+        """Install (or remove) a weight mask as a persistent buffer named `weight_mask`; `note` says how it
+        was made (shown by `CookedModel.print_graph`)."""
         if mask is not None and mask.shape != self.weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
         self.weight_mask = None if mask is None else mask.to(self.weight.dtype)
+        self.mask_note = None if mask is None else note
 
     def effective_weight(self) -> torch.Tensor:
         w = self.weight
@@ -73,6 +93,14 @@ class CookedLinear(HookedWeight, nn.Module):
     def activated_params(self) -> float:
         """Weight parameters run per token, scaled by bits/32 and density (BMCook's measure)."""
         return self.weight.numel() * self.bits / 32 * self.density
+
+    def describe(self) -> str:
+        """`QuantLinear int8/channel x int8/token, 2:4 mask (wanda), density 0.50`; "" if uncompressed."""
+        parts = self.compression()
+        if not parts:
+            return ""
+        quantized = self.weight_quant is not None or self.input_quant is not None
+        return ("QuantLinear " if quantized else "Linear, ") + ", ".join(parts)
 
     def extra_repr(self) -> str:
         tags = [f"in={self.in_features}", f"out={self.out_features}", f"bias={self.bias is not None}"]
@@ -103,6 +131,10 @@ class CookedEmbedding(HookedWeight, nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.weight_quant is None else self.weight_quant(self.weight)
         return torch.ops.aten.embedding(w, ids, self.padding_idx)
+
+    def describe(self) -> str:
+        """`QuantEmbedding int8/channel` once a pass quantized the table; "" before."""
+        return "" if self.weight_quant is None else f"QuantEmbedding {describe_quant(self.weight_quant)}"
 
     def extra_repr(self) -> str:
         return f"num={self.weight.shape[0]}, dim={self.weight.shape[1]}" + (

@@ -91,6 +91,10 @@ class TapPoint(nn.Module):
             self._sink[self.tap] = x
         return x
 
+    def describe(self) -> str:
+        """`tap [post]encoder.layer.1 <- teacher [post]encoder.layer.3`, as `CookedModel.print_graph` shows it."""
+        return "tap " + self.extra_repr()
+
     def extra_repr(self) -> str:
         return self.tap + (f" <- teacher {self.pair}" if self.pair else "")
 

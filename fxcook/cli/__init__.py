@@ -20,8 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     model_help = "'minilm' (embedded), a local HF directory, or a hub id (where a hub is reachable)"
     ins = sub.add_parser("inspect", help="list compressible sites, parameter counts and activated size")
-    ins.add_argument("model", help=model_help)
+    ins.add_argument("model", help=f"{model_help}, or a directory written by compress/train/fxcook.save")
     ins.add_argument("--per-layer", action="store_true", help="also list every layer's size")
+    ins.add_argument("--graph", action="store_true",
+                     help="print every graph, each compressed node annotated (MODEL may be a compressed directory)")
     ins.set_defaults(func=inspect.cmd_inspect)
     com = sub.add_parser("compress", help="apply a recipe and save the compressed model")
     com.add_argument("--model", default="minilm", help=f"the model to compress: {model_help} (default minilm)")

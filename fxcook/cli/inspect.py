@@ -1,4 +1,5 @@
-"""`fxcook inspect`: compressible sites, parameter counts and activated size of a model."""
+"""`fxcook inspect`: compressible sites, parameter counts and activated size of a model, or (`--graph`)
+its graphs with every compression written beside its node."""
 from __future__ import annotations
 
 INSPECT_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is the question."]
@@ -11,13 +12,25 @@ def load_named(name: str):
     return model, tok, example_batch(tok, INSPECT_SENTENCES)
 
 
+def load_cooked(name: str):
+    """A saved compressed model as it was saved, or a named model freshly captured."""
+    from fxcook import capture, load
+    from fxcook.artifact import is_artifact
+
+    if is_artifact(name):
+        return load(name)
+    model, _, batch = load_named(name)
+    return capture(model, batch)
+
+
 def cmd_inspect(args) -> int:
-    from fxcook import capture
     from fxcook.report import render
 
-    model, _, batch = load_named(args.model)
-    cooked = capture(model, batch)
-    print(f"model {args.model}: {type(model).__name__}")
+    cooked = load_cooked(args.model)
+    if args.graph:
+        cooked.print_graph()
+        return 0
+    print(f"model {args.model}: {cooked.origin.cls.rpartition(':')[2]}")
     linears = cooked.sites.find("linear")
     print(f"linear layers: {len(linears)} ({sum(1 for s in linears if cooked.sites.block_of(s.path))} in "
           f"{len(cooked.sites.blocks)} blocks)")

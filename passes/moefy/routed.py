@@ -145,6 +145,7 @@ class ExpertLinear(HookedWeight, nn.Module):
         self.register_buffer("weight_mask", None if mask is None else self._to_experts(mask.detach()).clone())
         self.weight_quant = getattr(linear, "weight_quant", None)
         self.input_quant = getattr(linear, "input_quant", None)
+        self.mask_note = getattr(linear, "mask_note", None)
         self.shape_2d = (out_f, in_f)
 
     def _to_experts(self, w: torch.Tensor) -> torch.Tensor:
@@ -451,6 +452,12 @@ class MoEFFN(nn.Module):
 
     def stored_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> str:
+        """`MoE 2/4 experts, mlp router` and what passes did to each projection's weights."""
+        projs = [("up", self.up), ("gate", self.gate), ("down", self.down)]
+        done = [f"{name} {', '.join(p.compression())}" for name, p in projs if p is not None and p.compression()]
+        return "; ".join([f"MoE {self.top_k}/{self.experts} experts, {self.router_kind} router", *done])
 
     def extra_repr(self) -> str:
         gated = ", gated" if self.gate is not None else ""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fxcook.errors import NotSupportedYet, PassError, SelectorError
-from fxcook.nn import ParamQuant
+from fxcook.nn import ParamQuant, describe_quant
 from fxcook.passes.quantize.quantizers import (
     ActSpec,
     WeightQuant,
@@ -88,6 +88,9 @@ class ExpertWeightQuant(WeightQuant, ParamQuant):
         codes, scale = super().quantize(canon.reshape(-1, canon.shape[-1]))
         return codes.reshape(canon.shape), scale.reshape(*canon.shape[:2], *scale.shape[1:])
 
+    def describe(self) -> str:
+        return f"quant {super().describe()} (expert weight)"
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", expert rows, reduce_dim={self.reduce_dim}"
 
@@ -107,6 +110,9 @@ class ExpertInputQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant(x)
+
+    def describe(self) -> str:
+        return f"quant {describe_quant(self.quant)} (expert input)"
 
 
 def _trace_gemms(start: torch.fx.Node, path: str) -> list[tuple[torch.fx.Node, int]]:

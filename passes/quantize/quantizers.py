@@ -155,9 +155,15 @@ class WeightQuant(nn.Module):
         codes = torch.clamp(torch.round(self._grouped(w.float()) / scale), -self.q, self.q)
         return codes.to(torch.int8).reshape(w.shape), scale.squeeze(-1)
 
+    def scheme(self) -> str:
+        return f"int{self.bits}/" + ("channel" if self.group_size is None else f"group{self.group_size}")
+
+    def describe(self) -> str:
+        """The scheme as `CookedModel.print_graph` shows it: `int8/channel`, `int4/group128 lsq`."""
+        return self.scheme() + (" lsq" if self.learnable else "")
+
     def extra_repr(self) -> str:
-        where = "channel" if self.group_size is None else f"group{self.group_size}"
-        return f"int{self.bits}/{where}" + (", lsq" if self.learnable else "")
+        return self.scheme() + (", lsq" if self.learnable else "")
 
 
 class _ActQuant(nn.Module):
@@ -178,6 +184,13 @@ class _ActQuant(nn.Module):
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.smooth is None else x / self.smooth
 
+    def scheme(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The scheme as `CookedModel.print_graph` shows it: `int8/token`, `int8/tensor minmax smoothquant`."""
+        return self.scheme() + (" smoothquant" if self.smooth is not None else "")
+
 
 class TokenQuant(_ActQuant):
     """Dynamic per-token fake quantization: one absmax scale per row of the last dimension."""
@@ -188,6 +201,9 @@ class TokenQuant(_ActQuant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pre(x)
         return fake_quant(x, self.token_scale(x), self.bits)
+
+    def scheme(self) -> str:
+        return f"int{self.bits}/token"
 
     def extra_repr(self) -> str:
         return f"int{self.bits}/token" + (", smooth" if self.smooth is not None else "")
@@ -218,6 +234,9 @@ class DynamicTensorQuant(_ActQuant):
         x = self._pre(x)
         scale, zp = self.params(x)
         return (torch.clamp(_round_ste(x / scale) + zp, 0, 255) - zp) * scale
+
+    def scheme(self) -> str:
+        return "int8/tensor/dynamic"
 
     def extra_repr(self) -> str:
         return "int8/tensor/dynamic" + (", smooth" if self.smooth is not None else "")
@@ -298,6 +317,9 @@ class TensorQuant(_ActQuant):
         self.scale.fill_(max(amax, EPS) / self.q)
         self.observing, self._amax, self._samples = False, 0.0, []
         return float(self.scale)
+
+    def scheme(self) -> str:
+        return f"int{self.bits}/tensor {self.observer}" + (" lsq" if self.learnable else "")
 
     def extra_repr(self) -> str:
         s = f"{float(self.scale):.4g}" if self.calibrated else "uncalibrated"

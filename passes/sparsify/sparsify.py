@@ -159,7 +159,7 @@ class MaskState:
             mask = make_mask(w, cfg.method, cfg.pattern, sparsity, self.norms.get(path))
             if base is not None:  # an earlier Sparsify's mask stays: this one only prunes further
                 mask &= base.bool()
-            mod.set_mask(mask.to(w.device))
+            mod.set_mask(mask.to(w.device), f"{cfg.pattern} mask ({cfg.method})")
             if final:
                 with torch.no_grad():
                     mod.weight.mul_(_like(mod.weight_mask, mod.weight))
