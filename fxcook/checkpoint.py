@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from fxcook.errors import FxcookError
 from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
+from fxcook.qview import quant_view
 
 __all__ = ["CheckpointError", "load_quantized", "save_quantized", "write_atomic"]
 
@@ -94,9 +95,12 @@ def save_quantized(model, path: str | os.PathLike) -> Path:
             continue
         if key in coded:
             name, quant = coded[key]
-            lin = owners.get(name)
-            w = t.detach() if lin is None or lin.weight_mask is None else t.detach() * lin.weight_mask
-            codes, scale = quant.quantize(w.float())
+            owner = owners.get(name)
+            if owner is None:  # a parameter quantized in the graph
+                codes, scale = quant.quantize(t.detach().float())
+            else:
+                view = quant_view(owner, acts=False)
+                codes, scale = view.codes, view.scale
             tensors[f"{name}.qweight"], tensors[f"{name}.{SCALE}"] = codes.contiguous(), scale.contiguous()
         else:
             tensors[key] = t.detach().contiguous()

@@ -27,6 +27,7 @@ from torch import nn
 
 from fxcook.errors import FxcookError, NotSupportedYet, PassError
 from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
+from fxcook.qview import quant_view
 
 __all__ = ["EmbeddingInt8Export", "ExpertInputExport", "ExpertWeightExport", "Flat", "MoEFFNExport",
            "QuantLinearExport", "lowered"]
@@ -37,29 +38,17 @@ class QuantLinearExport(nn.Module):
 
     def __init__(self, lin: CookedLinear):
         super().__init__()
-        wq, iq = lin.weight_quant, lin.input_quant
-        with torch.no_grad():
-            w = lin.weight if lin.weight_mask is None else lin.weight * lin.weight_mask
-            codes, scale = wq.quantize(w.detach().float())
-        self.register_buffer("qweight", codes)
-        self.register_buffer("wscale", scale.contiguous())
-        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float().clone())
-        self.group = wq.group_size
-        self.mode = (None if iq is None else "token" if isinstance(iq, TokenQuant) else
-                     "dynamic" if isinstance(iq, DynamicTensorQuant) else "tensor")
-        self.act_bits = getattr(iq, "bits", 8)
-        smooth = getattr(iq, "smooth", None)
-        self.register_buffer("inv_smooth", None if smooth is None else (1.0 / smooth.detach().float()))
-        if isinstance(iq, TensorQuant):
-            if not iq.calibrated:
-                raise FxcookError("export: a static activation quantizer was never calibrated "
-                                  "(run fxcook.passes.quantize.quantizers.calibrate first)")
-            self.register_buffer("ascale", iq.scale.detach().abs().float().reshape(()).clone())
-            self.register_buffer("qweight_t", codes.t().contiguous())
-        elif isinstance(iq, DynamicTensorQuant):
-            self.register_buffer("qweight_t", codes.t().contiguous())
-        elif iq is not None and not isinstance(iq, TokenQuant):
-            raise NotSupportedYet(f"export: input quantizer {type(iq).__name__} has no ONNX lowering")
+        try:
+            view = quant_view(lin)
+        except FxcookError as e:
+            raise type(e)(f"export: {e}") from None
+        self.register_buffer("qweight", view.codes)
+        self.register_buffer("wscale", view.scale)
+        self.register_buffer("bias", view.bias)
+        self.group, self.mode, self.act_bits = view.group, view.act, view.act_bits
+        self.register_buffer("inv_smooth", view.inv_smooth)
+        self.register_buffer("ascale", view.act_scale)
+        self.register_buffer("qweight_t", view.codes.t().contiguous() if view.act in ("tensor", "dynamic") else None)
         if self.mode is not None and self.group is not None:
             raise NotSupportedYet("export: group-wise weights with quantized activations (use weight-only)")
 
@@ -91,10 +80,9 @@ class EmbeddingInt8Export(nn.Module):
 
     def __init__(self, emb: CookedEmbedding):
         super().__init__()
-        with torch.no_grad():
-            codes, scale = emb.weight_quant.quantize(emb.weight.detach().float())
-        self.register_buffer("qweight", codes)
-        self.register_buffer("scale", scale.reshape(-1).contiguous())
+        view = quant_view(emb)
+        self.register_buffer("qweight", view.codes)
+        self.register_buffer("scale", view.scale.reshape(-1).contiguous())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         scale = F.embedding(ids, self.scale.unsqueeze(-1))

@@ -25,11 +25,12 @@ from typing import Optional
 
 import torch
 
+from fxcook.qview import EPS, absmax_scale
+
 __all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dynamic_quantize_matmul",
            "dequantize_groups", "TOKEN_ZERO_POINT"]
 
 TOKEN_ZERO_POINT = 128  # per-token codes are stored as uint8 = int8 + 128
-TOKEN_EPS = 1e-8
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -72,7 +73,7 @@ def _(q, scale, axis):
 def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes = round(x / s) + 128, s [..., 1]) with s = max|x| / qmax over the last dim."""
     qm = 2 ** (bits - 1) - 1
-    s = (x.abs().amax(dim=-1, keepdim=True) / qm).clamp(min=TOKEN_EPS)
+    s = absmax_scale(x, qm)
     codes = torch.clamp(torch.round(x * (1.0 / s)), -qm, qm) + TOKEN_ZERO_POINT
     return codes.to(torch.uint8), s
 
@@ -108,7 +109,7 @@ def dynamic_quantize_matmul(x: torch.Tensor, qweight_t: torch.Tensor, wscale: to
     x: float [..., K]; qweight_t: int8 [K, N]; wscale [N]; bias [N] or None; exact int32 accumulation.
     """
     lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
-    s = ((hi - lo) / 255.0).clamp(min=TOKEN_EPS)
+    s = ((hi - lo) / 255.0).clamp(min=EPS)
     zp = torch.clamp(torch.round(-lo / s), 0, 255)
     a = torch.clamp(torch.round(x / s) + zp, 0, 255) - zp
     acc = (a.reshape(-1, a.shape[-1]).double() @ qweight_t.to(torch.float64)).reshape(*a.shape[:-1], -1)

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxcook.errors import FxcookError
+from fxcook.qview import EPS, absmax_scale
 from fxcook.tracing import call_batch
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "DynamicTensorQuant", "act_quantizer", "calibrate", "smooth_factors", "EPS",
 ]
 
-EPS = 1e-8  # smallest scale: an all-zero row quantizes to zeros instead of dividing by zero
 OBSERVERS = ("minmax", "percentile", "mse")
 
 
@@ -138,7 +138,7 @@ class WeightQuant(nn.Module):
 
     def absmax_scale(self, w: torch.Tensor) -> torch.Tensor:
         """Scales shaped to broadcast against the (grouped) weight: [out, 1] or [out, in/g, 1]."""
-        return (self._grouped(w).abs().amax(dim=-1, keepdim=True) / self.q).clamp(min=EPS)
+        return absmax_scale(self._grouped(w), self.q)
 
     def current_scale(self, w: torch.Tensor) -> torch.Tensor:
         if self.learnable:
@@ -195,8 +195,10 @@ class _ActQuant(nn.Module):
 class TokenQuant(_ActQuant):
     """Dynamic per-token fake quantization: one absmax scale per row of the last dimension."""
 
+    kind = "token"  # the activation scheme `fxcook.qview.quant_view` reports
+
     def token_scale(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.detach().abs().amax(dim=-1, keepdim=True) / self.q).clamp(min=EPS)
+        return absmax_scale(x.detach(), self.q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pre(x)
@@ -216,6 +218,8 @@ class DynamicTensorQuant(_ActQuant):
     no calibration, and ONNX Runtime computes the same scale inside its fused integer GEMM. The
     asymmetric range gives one-sided inputs (after GELU) twice the resolution of a symmetric one.
     """
+
+    kind = "dynamic"
 
     def __init__(self, bits: int = 8):
         if bits != 8:
@@ -259,6 +263,7 @@ class TensorQuant(_ActQuant):
     turns them into the scale. Using it before calibration is an error, never a silent identity.
     """
 
+    kind = "tensor"
     SAMPLE = 4096  # values kept per observed batch for the percentile and MSE searches
 
     def __init__(self, bits: int = 8, observer: str = "minmax", percentile: float = 99.99,

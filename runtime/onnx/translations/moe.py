@@ -17,6 +17,7 @@ from onnxscript import FLOAT, UINT8
 from onnxscript import opset18 as op
 
 from fxcook.errors import NotSupportedYet
+from fxcook.qview import EPS
 
 ORT_MOE, ORT_QMOE = ort_op("MoE"), ort_op("QMoE")
 
@@ -54,7 +55,7 @@ def _int8_rows(w, row_scale):
 
 
 def _absmax(w, axes: list[int]):
-    tiny = op.Constant(value_float=1e-12)
+    tiny = op.Constant(value_float=EPS)
     return op.Max(op.Div(op.ReduceMax(op.Abs(w), axes, keepdims=1), op.Constant(value_float=127.0)), tiny)
 
 

@@ -8,10 +8,12 @@ from typing import Optional
 
 import onnx
 import torch
-from fxcook.passes.quantize.ops import TOKEN_EPS, TOKEN_ZERO_POINT, code_range
+from fxcook.passes.quantize.ops import TOKEN_ZERO_POINT, code_range
 from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
 from onnxscript import FLOAT, INT8, INT32, INT64, UINT8
 from onnxscript import opset20 as op
+
+from fxcook.qview import EPS
 
 ORT_MATMUL_INTEGER_TO_FLOAT = ort_op("MatMulIntegerToFloat")
 ORT_DYNAMIC_QUANTIZE_MATMUL = ort_op("DynamicQuantizeMatMul")
@@ -39,7 +41,7 @@ def quantize_per_token_onnx(x: FLOAT, bits: int):
     # max|x| as max(max x, -min x): two reads of x and no |x| tensor written; x * (1/s) instead of x / s.
     axes = op.Constant(value_ints=[-1])
     amax = op.Max(op.ReduceMax(x, axes, keepdims=1), op.Neg(op.ReduceMin(x, axes, keepdims=1)))
-    s = op.Max(op.Mul(amax, op.Constant(value_float=1.0 / (2 ** (bits - 1) - 1))), op.Constant(value_float=TOKEN_EPS))
+    s = op.Max(op.Mul(amax, op.Constant(value_float=1.0 / (2 ** (bits - 1) - 1))), op.Constant(value_float=EPS))
     zp = op.Constant(value=_scalar(TOKEN_ZERO_POINT, onnx.TensorProto.UINT8))
     codes = op.QuantizeLinear(op.Mul(x, op.Reciprocal(s)), op.Constant(value_float=1.0), zp)
     return codes, s
