@@ -21,7 +21,7 @@ from torch import nn
 
 from fxcook.errors import FxcookError
 from fxcook.nn import CookedLinear
-from fxcook.passes.quantize.quantizers import TensorQuant
+from fxcook.qview import quant_view
 from fxcook.runtime.lowering import Flat
 from fxcook.tracing import split_inputs
 
@@ -157,20 +157,18 @@ class _TrtQuantLinear(nn.Module):
 
     def __init__(self, lin: CookedLinear, quantize_op):
         super().__init__()
-        iq, wq = lin.input_quant, lin.weight_quant
-        if not isinstance(iq, TensorQuant):
+        view = quant_view(lin)
+        if view.act != "tensor":
             raise FxcookError("TensorRT int8 needs static per-tensor activations (acts: int8/tensor)")
-        if wq.group_size is not None:
+        if view.group is not None:
             raise FxcookError("TensorRT int8 needs per-channel weights (weights: int8/channel)")
         self.quantize_op = quantize_op
-        with torch.no_grad():
-            w = lin.weight if lin.weight_mask is None else lin.weight * lin.weight_mask
-            self.register_buffer("weight", w.detach().clone())
-            self.register_buffer("amax_w", wq.current_scale(w).detach() * wq.q)
-        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().clone())
-        self.register_buffer("amax_x", iq.scale.detach().abs().reshape(()) * iq.q)
-        smooth = iq.smooth
-        self.register_buffer("inv_smooth", None if smooth is None else 1.0 / smooth.detach())
+        self.register_buffer("weight", view.masked.clone())
+        self.register_buffer("amax_w", view.scale.unsqueeze(-1) * view.qmax)
+        dtype = view.masked.dtype  # the model's own: the view's bias and divisor are float32
+        self.register_buffer("bias", None if view.bias is None else view.bias.to(dtype))
+        self.register_buffer("amax_x", view.act_scale * (2 ** (view.act_bits - 1) - 1))
+        self.register_buffer("inv_smooth", None if view.inv_smooth is None else view.inv_smooth.to(dtype))
 
     def forward(self, x):
         if self.inv_smooth is not None:
