@@ -3,7 +3,10 @@
 `lower(cooked)` replaces each `CookedLinear` by the fastest kernel its weight allows and says, per
 layer, why a layer stayed dense. It follows fxcook's canonical int8 scheme: symmetric, zero-point 0,
 weights per output channel, activations per token (computed at run time), int32 accumulation and one
-rescale (weight scale x token scale, + bias). A SmoothQuant divisor on a layer's input quantizer
+rescale (weight scale x activation scale, + bias). Activations follow the model's own scheme
+(`fxcook.qview.quant_view`): per token, per tensor with its calibrated scale, or per tensor dynamic
+(DynamicQuantizeLinear's uint8 codes, run as int8 with a zero-point correction); layers without
+one (int8=True on a float layer, weight-only quantization) quantize them per token. A SmoothQuant divisor on a layer's input quantizer
 becomes an `inv_smooth` buffer multiplied into the input (the weight columns already carry the
 factors). Everything CUDA-only is imported when used, so this
 module imports and plans on a CPU machine (where every 2:4 layer stays dense: no CPU kernel exists).
@@ -17,11 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcook.passes.sparsify.masks import count_24_violations
 from fxcook.nn import CookedLinear
+from fxcook.passes.quantize.quantizers import DynamicTensorQuant
+from fxcook.passes.sparsify.masks import count_24_violations
+from fxcook.qview import absmax_scale, quant_view
 
 __all__ = [
     "SPARSE_BACKENDS",
+    "ActScheme",
+    "TOKEN",
     "quantize_rows",
     "int8_linear",
     "Int8Linear",
@@ -48,15 +55,54 @@ def _fused(name: str, fn, t: torch.Tensor):
     return _compiled[name]
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127.0
-    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale
+@dataclass(frozen=True)
+class ActScheme:
+    """How a kernel quantizes its input: "token", "tensor" (static `scale`) or "dynamic" (per tensor)."""
+
+    kind: str = "token"
+    scale: torch.Tensor | None = None
+    bits: int = 8
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+TOKEN = ActScheme()
+
+
+def _quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.float()
+    scale = absmax_scale(x, qmax)
+    return torch.round(x / scale).clamp(-qmax, qmax).to(torch.int8), scale
+
+
+def quantize_rows(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row (per token for activations, per output channel for weights): (q, scale[:, 1])."""
-    return _fused("quantize_rows", _quantize_rows, x)(x)
+    return _fused("quantize_rows", _quantize_rows, x)(x, qmax)
+
+
+def _quantize_acts(x2: torch.Tensor, acts: ActScheme):
+    """(int8 codes, scale [m, 1] or 0-d, zero-point offset or None) of the 2-D input under `acts`; with an
+    offset `o`, the integer input is `codes + o` (DynamicQuantizeLinear's uint8 codes minus 128)."""
+    if acts.kind == "token":
+        return (*quantize_rows(x2, acts.qmax), None)
+    x = x2.float()
+    if acts.kind == "tensor":
+        s = acts.scale.to(x.device)
+        return torch.round(x / s).clamp(-acts.qmax, acts.qmax).to(torch.int8), s, None
+    s, zp = DynamicTensorQuant.params(x)
+    u = torch.clamp(torch.round(x / s) + zp, 0, 255)
+    return (u - 128).to(torch.int8), s, (128 - zp).to(torch.int32)
+
+
+def _offset_acc(acc: torch.Tensor, offset: torch.Tensor | None, wsum: torch.Tensor) -> torch.Tensor:
+    """`acc` of (codes + offset) @ wq.T from that of codes @ wq.T, `wsum` the int32 row sums of wq (exact)."""
+    return acc if offset is None else acc + offset * wsum
+
+
+def _row_sums(wq: torch.Tensor) -> torch.Tensor:
+    return wq.to(torch.int32).sum(1)
 
 
 def _rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -84,11 +130,15 @@ def _smoothed(x2: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor
     return x2 if inv_smooth is None else x2.float() * inv_smooth
 
 
+def _pad_scale(s: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
+    return _pad_rows(s, multiple, minimum) if s.dim() else s
+
+
 def int8_linear(
     x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, inv_smooth: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, inv_smooth: torch.Tensor | None = None, acts: ActScheme = TOKEN,
 ) -> torch.Tensor:
-    """`(x * inv_smooth) @ dequant(wq).T + bias` with x quantized per token, an int8 x int8 -> int32
+    """`(x * inv_smooth) @ dequant(wq).T + bias` with x quantized as `acts` says, an int8 x int8 -> int32
     GEMM and a fused rescale.
 
     wq: int8 [N, K]; w_scale: float32 [N]; inv_smooth: float32 [K] or None. Works on CPU too
@@ -97,30 +147,36 @@ def int8_linear(
     shape, k = x.shape, x.shape[-1]
     x2 = _smoothed(x.reshape(-1, k), inv_smooth)
     m = x2.shape[0]
-    xq, xs = quantize_rows(x2)
+    xq, xs, offset = _quantize_acts(x2, acts)
     if x.is_cuda:  # cuBLASLt int8: more than 16 rows
-        xq, xs = _pad_rows(xq, 8, _INT_MM_MIN_ROWS), _pad_rows(xs, 8, _INT_MM_MIN_ROWS)
+        xq, xs = _pad_rows(xq, 8, _INT_MM_MIN_ROWS), _pad_scale(xs, 8, _INT_MM_MIN_ROWS)
     acc = torch._int_mm(xq, wq.t())
+    acc = acc if offset is None else _offset_acc(acc, offset, _row_sums(wq))
     y = _fused("rescale", _rescale, acc)(acc, xs, w_scale, bias, out_dtype or x.dtype)
     return y[:m].reshape(*shape[:-1], wq.shape[0])
 
 
 class Int8Linear(nn.Module):
-    """int8 weights (per output channel) and per-token dynamic int8 activations, via torch._int_mm."""
+    """int8 weights (per output channel) and int8 activations (`acts`, per token by default), via torch._int_mm.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None):
+    `codes`: the weight's own int8 codes and [out] scales (a quantized layer's view); else `weight` is
+    quantized per output channel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None,
+                 acts: ActScheme = TOKEN, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        wq, ws = _quantize_rows(weight.detach())
+        wq, ws = codes or _quantize_rows(weight.detach())
+        self.acts = acts
         self.register_buffer("wq", wq.contiguous())
         self.register_buffer("w_scale", ws.reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("inv_smooth", None if inv_smooth is None else inv_smooth.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.wq, self.w_scale, self.bias, inv_smooth=self.inv_smooth)
+        return int8_linear(x, self.wq, self.w_scale, self.bias, inv_smooth=self.inv_smooth, acts=self.acts)
 
     def extra_repr(self) -> str:
-        return f"in={self.wq.shape[1]}, out={self.wq.shape[0]}, int8"
+        return f"in={self.wq.shape[1]}, out={self.wq.shape[0]}, int8, acts={self.acts.kind}"
 
 
 def _sparse_class(backend: str):
@@ -158,11 +214,13 @@ class Int8Sparse24Linear(nn.Module):
     """int8 x int8 2:4 GEMM: cuSPARSELt with the weight scale as per-channel alpha, or CUTLASS int32 + rescale."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt",
-                 out_dtype=torch.bfloat16, inv_smooth: torch.Tensor | None = None):
+                 out_dtype=torch.bfloat16, inv_smooth: torch.Tensor | None = None, acts: ActScheme = TOKEN,
+                 codes: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.backend, self.out_dtype = backend, out_dtype
-        wq, ws = _quantize_rows(weight.detach())
+        self.backend, self.out_dtype, self.acts = backend, out_dtype, acts
+        wq, ws = codes or _quantize_rows(weight.detach())
         wq = wq.contiguous()
+        self.register_buffer("wsum", _row_sums(wq))
         self.out_features, self.in_features = wq.shape
         self.register_buffer("w_scale", ws.reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(out_dtype).clone())
@@ -179,20 +237,23 @@ class Int8Sparse24Linear(nn.Module):
         shape = x.shape
         x2 = _smoothed(x.reshape(-1, shape[-1]), self.inv_smooth)
         m = x2.shape[0]
-        xq, xs = quantize_rows(x2)
-        xq, xs = _pad_rows(xq, 16), _pad_rows(xs, 16)
+        xq, xs, offset = _quantize_acts(x2, self.acts)
+        xq, xs = _pad_rows(xq, 16), _pad_scale(xs, 16)
         # sparse operand first: [N, K] (2:4) x [K, M] -> [N, M], read back transposed as [M, N]
         if self.backend == "cusparselt":
             # the weight scale is cuSPARSELt's per-row alpha (GEMM epilogue); then * x_scale + bias
             y = torch._cslt_sparse_mm(self.packed, xq.t(), alpha=self.w_scale, out_dtype=self.out_dtype).t()
+            if offset is not None:
+                y = y.float() + (offset * self.wsum).float() * self.w_scale
             y = _fused("row_rescale", _row_rescale, y)(y, xs, self.bias, self.out_dtype)
         else:
             acc = torch._sparse_semi_structured_mm(self.packed, self.meta, xq.t(), out_dtype=torch.int32).t()
+            acc = _offset_acc(acc, offset, self.wsum)
             y = _fused("rescale", _rescale, acc)(acc, xs, self.w_scale, self.bias, self.out_dtype)
         return y[:m].reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 2:4 {self.backend}"
+        return f"in={self.in_features}, out={self.out_features}, int8 2:4 {self.backend}, acts={self.acts.kind}"
 
 
 # ---------------------------------------------------------------- eligibility
@@ -312,19 +373,31 @@ def lower(
             w = mod.effective_weight().detach().float()  # quant(weight * mask)
             plan = _plan(mod, w, dtype, device, backend, sparse, int8)
             plan.path = path
-            smooth = getattr(mod.input_quant, "smooth", None)
-            todo.append((plan, w, None if mod.bias is None else mod.bias.detach().float(),
-                         None if smooth is None else 1.0 / smooth.detach().float()))
+            todo.append((plan, w, *_kernel_inputs(mod)))
     model.to(device=device, dtype=dtype)
-    for plan, w, b, inv in todo:
+    for plan, w, b, inv, acts, codes in todo:
         w, b, inv = (None if t is None else t.to(device) for t in (w, b, inv))
+        codes = None if codes is None else tuple(t.to(device) for t in codes)
         if plan.kernel == "int8+2:4":
-            new = Int8Sparse24Linear(w, b, backend, out_dtype=dtype, inv_smooth=inv)
+            new = Int8Sparse24Linear(w, b, backend, out_dtype=dtype, inv_smooth=inv, acts=acts, codes=codes)
         elif plan.kernel == "int8":
-            new = Int8Linear(w, b, inv)
+            new = Int8Linear(w, b, inv, acts, codes)
         elif plan.kernel == "2:4":
             new = Sparse24Linear(w.to(dtype), None if b is None else b.to(dtype), backend, inv)
         else:
             continue
         model.swap(plan.path, new)
     return Lowering(model, [p for p, *_ in todo])
+
+
+def _kernel_inputs(mod: CookedLinear):
+    """(bias, SmoothQuant inverse, activation scheme, int8 weight codes or None) of a layer, from its quantized view:
+    the model's own activation scheme and, for int8 per-channel weights, its own codes and scales."""
+    if mod.weight_quant is None:
+        smooth = getattr(mod.input_quant, "smooth", None)
+        return (None if mod.bias is None else mod.bias.detach().float(),
+                None if smooth is None else 1.0 / smooth.detach().float(), TOKEN, None)
+    view = quant_view(mod)
+    acts = TOKEN if view.act is None else ActScheme(view.act, view.act_scale, view.act_bits)
+    codes = (view.codes, view.scale) if view.bits == 8 and view.group is None else None
+    return view.bias, view.inv_smooth, acts, codes
