@@ -61,4 +61,6 @@ def test_nearest_ranks_the_intended_path_first(bert, data):
     i = data.draw(st.integers(0, len(suffix) - 1))
     typo = suffix[:i] + suffix[i + 1:]  # one character dropped
     best = nearest(typo, paths)[0]
-    assert best.endswith((suffix, "." + typo)) or best == typo
+    # the intended path, or (when the dropped character was the one telling layers apart, e.g. the "1" of
+    # "1.attention.self.query") a path the typo is an exact suffix of
+    assert best.endswith((suffix, typo, "." + typo))
