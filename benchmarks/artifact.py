@@ -21,7 +21,7 @@ import fxcook
 from fxcook.data import calibration_for, shakespeare_lines
 from fxcook.models import example_batch, load_model
 
-RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "fxcook" / "recipes"
 
 
 def row(name: str, model, tok, batch) -> dict:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fxcook.tracing import main_output
+
 RESULTS = Path(__file__).parent / "results" / "block_boundaries.md"
 
 
@@ -75,19 +77,15 @@ def build(kind: str, model, x):
     raise ValueError(kind)
 
 
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 def _measure(kind: str, args, rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     model, x = _model(args), _inputs(args)
     with torch.no_grad():
-        ref = _logits(model(**x))
+        ref = main_output(model(**x))
     root, blocks = build(kind, model, x)
     with torch.no_grad():
-        diff = float((_logits(root(**x)) - ref).abs().max())
+        diff = float((main_output(root(**x)) - ref).abs().max())
     if world > 1:
         for b in blocks:
             fully_shard(b)
@@ -107,7 +105,7 @@ def _measure(kind: str, args, rank: int, world: int) -> dict:
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss = _logits(root(**x)).float().pow(2).mean()
+        loss = main_output(root(**x)).float().pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -4,7 +4,7 @@
 translation drops a NaN guard, fxcook.runtime.onnx.translations.attention), and fxcook's int8 ONNX models: per-token
 activations (MatMulIntegerToFloat), per-tensor dynamic activations (DynamicQuantizeMatMul) with
 SmoothQuant off and on the FFN down-projections, and the model `fxcook compress --recipe
-examples/recipes/int8.yaml` builds (per-token only on the inputs measured most sensitive).
+fxcook/recipes/int8.yaml` builds (per-token only on the inputs measured most sensitive).
 With --qat-steps, also the per-tensor dynamic model after a short quantization-aware distillation from
 fp32 (fxcook.training.loop.train, DistillLoss hidden_mse + hidden_cos) on Shakespeare lines disjoint from both
 the calibration and the held-out lines, one variant per (steps, lr) pair.
@@ -16,7 +16,7 @@ Fidelity: min/mean cosine of mean-pooled sentence embeddings vs fp32 torch over 
 Shakespeare lines (calibration uses other lines).
 
     python benchmarks/quantize_minilm.py [--rounds 20] [--samples 256] [--smoothquant 0.5]
-        [--dynamic-smoothquant 0.8] [--recipe examples/recipes/int8.yaml] [--out benchmarks/results/quantize_minilm.md]
+        [--dynamic-smoothquant 0.8] [--recipe fxcook/recipes/int8.yaml] [--out benchmarks/results/quantize_minilm.md]
         [--qat-steps 50 100] [--qat-lr 1e-5 3e-5]
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoothquant", type=float, default=0.5, help="SmoothQuant alpha for per-token acts")
     ap.add_argument("--dynamic-smoothquant", type=float, default=0.8, help="SmoothQuant alpha for per-tensor dynamic acts")
-    ap.add_argument("--recipe", default="examples/recipes/int8.yaml", help="the recipe `fxcook compress` applies")
+    ap.add_argument("--recipe", default="fxcook/recipes/int8.yaml", help="the recipe `fxcook compress` applies")
     ap.add_argument("--qat-steps", type=int, nargs="*", default=[],
                     help="QAT-distill the a/tensor/dynamic model for these step counts (one variant each)")
     ap.add_argument("--qat-lr", type=float, nargs="+", default=[3e-5], help="peak learning rates for --qat-steps")
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         for lr in args.qat_lr:
             name = (f"fxcook int8 a/tensor/dynamic + SmoothQuant {args.dynamic_smoothquant} "
                     f"+ QAT distill {steps} steps lr {lr:g}")
-            recipes[name] = dict(dyn, smooth_down_proj=True)  # as examples/recipes/int8_qat.yaml
+            recipes[name] = dict(dyn, smooth_down_proj=True)  # as fxcook/recipes/int8_qat.yaml
             qat[name] = dict(steps=steps, lr=lr)
     for i, (name, kw) in enumerate(recipes.items()):
         passes = (kw.build(calibration=calibration_for(kw, tok)) if name == recipe_name else

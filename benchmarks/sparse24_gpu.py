@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fxcook.tracing import main_output
+
 L2_BYTES = 64 << 20  # rotate input sets until the working set is several times any current L2
 
 
@@ -201,10 +203,6 @@ def _cooked_variants(model, example):
     }
 
 
-def _hidden(out):
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
 def model_curve(name: str, model, make_inputs, batches: list[int], backend: str, reps: int) -> list[dict]:
     from fxcook.runtime.torch_cuda import lower
 
@@ -226,8 +224,8 @@ def model_curve(name: str, model, make_inputs, batches: list[int], backend: str,
         with torch.no_grad():
             for key, m in lowered.items():
                 if b == batches[0]:  # correctness first: each lowered model vs its own fp32 CookedModel on CPU
-                    own = _hidden(cooked[key](**{k: v.cpu() for k, v in inputs.items()}))
-                    err = _rel(_hidden(m(**inputs)).float().cpu(), own)
+                    own = main_output(cooked[key](**{k: v.cpu() for k, v in inputs.items()}))
+                    err = _rel(main_output(m(**inputs)).float().cpu(), own)
                     limit = 3e-2 if key == "dense" or key == "2:4" else 6e-2
                     print(f"{name} {key}: relative error vs fp32 {err:.2e}", flush=True)
                     if not err <= limit:

@@ -1,6 +1,6 @@
 """Trainer benchmark: FSDP2 on 2 CPU ranks vs 1 process, and the recovery curve of a 2:4+int8 MiniLM.
 
-1. Scaling: distill the 2:4 + int8 MiniLM student (examples/recipes/int8_24.yaml) from the fp32
+1. Scaling: distill the 2:4 + int8 MiniLM student (fxcook/recipes/int8_24.yaml) from the fp32
    teacher at equal global batch, once in one process (2 threads) and once on 2 gloo ranks
    (1 thread each). Reports the median step time and each rank's parameter + AdamW state bytes.
 2. Recovery: a short distillation run (hidden-state MSE + cosine on every block) on Shakespeare
@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "train_fsdp.md"
-RECIPE = ROOT / "examples" / "recipes" / "int8_24.yaml"
+RECIPE = ROOT / "fxcook" / "recipes" / "int8_24.yaml"
 
 
 def _setup(max_length: int):
@@ -107,7 +107,7 @@ def main() -> None:
         f"Command: `python benchmarks/train_fsdp.py --scale-steps {args.scale_steps} --steps {args.steps} "
         f"--eval-every {args.eval_every} --batch {args.batch} --max-length {args.max_length} --lr {args.lr}`",
         "",
-        f"## Scaling (global batch {args.batch} x <= {args.max_length} tokens, student = examples/recipes/int8_24.yaml, "
+        f"## Scaling (global batch {args.batch} x <= {args.max_length} tokens, student = fxcook/recipes/int8_24.yaml, "
         "teacher = fp32 MiniLM, loss = hidden MSE + cosine on all 6 blocks)",
         "",
         "| run | threads/rank | step time (s, median) | params / rank (MiB) | AdamW state / rank (MiB) | params+optimizer vs 1 process |",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from fxcook.calling import Interface
 from fxcook.passbase import Change
 from fxcook.sites import SiteIndex
-from fxcook.tracing import finalize
+from fxcook.tracing import finalize, parent_of
 
 
 def class_path(obj: Any) -> str:
@@ -57,6 +57,21 @@ class PassRecord:
     activated: float = 0.0
 
 
+class MaskSchedule(Protocol):
+    """Masks a pass keeps changing during training (Sparsify with a `schedule`).
+
+    The pass that appends one to `CookedModel.mask_schedules` owns it; the training loop advances it
+    after each optimizer step and checkpoints its position (`last_update`, `final`); a pass that
+    removes linears (Moefy) refuses to run on its `paths`.
+    """
+
+    paths: list[str]
+    last_update: int | None
+    final: bool
+
+    def update(self, cooked: nn.Module, step: int) -> list[Change]: ...
+
+
 class CookedModel(UnflattenedModule):
     """A compiled model: call it like the original; inspect `.sites`, `.history`, `.report()`."""
 
@@ -64,6 +79,7 @@ class CookedModel(UnflattenedModule):
     history: list[PassRecord]
     module_types: dict[str, str]
     interface: Interface | None  # None: the original forward takes positional-only inputs; call as captured
+    mask_schedules: list[MaskSchedule]  # in the order the passes added them (checkpoints rely on it)
 
     @classmethod
     def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str],
@@ -73,6 +89,7 @@ class CookedModel(UnflattenedModule):
         root.history = []
         root.module_types = module_types
         root.interface = interface
+        root.mask_schedules = []
         return root
 
     def forward(self, *args, **kwargs):
@@ -102,10 +119,13 @@ class CookedModel(UnflattenedModule):
         new.recompile()
         return new
 
+    def parent(self, path: str) -> tuple[nn.Module, str]:
+        """The module holding the submodule (or parameter) at `path`, and its name there."""
+        return parent_of(self, path)
+
     def swap(self, path: str, module: nn.Module) -> nn.Module:
         """Replace the submodule at `path` (every call site keeps calling it); returns the old one."""
-        parent_path, _, name = path.rpartition(".")
-        parent = self.get_submodule(parent_path)
+        parent, name = self.parent(path)
         old = getattr(parent, name)
         setattr(parent, name, module)
         return old

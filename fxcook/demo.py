@@ -1,6 +1,6 @@
 """`fxcook demo`: compress the embedded MiniLM with each technique and report size and fidelity.
 
-Each stage is a recipe from `examples/recipes/` (the same files `fxcook compress` takes). Fidelity is
+Each stage is a recipe shipped in `fxcook/recipes/` (the same files `fxcook compress` takes). Fidelity is
 the cosine between each compressed sentence embedding and the fp32 one over held-out Shakespeare
 lines; calibration and distillation use other lines. Stages with `distill_steps` are then trained
 briefly against the fp32 teacher (hidden-state MSE + cosine) and scored again.
@@ -19,13 +19,13 @@ from rich.table import Table
 
 from fxcook.errors import FxcookError
 
-RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # package data: also there in an installed wheel
 
 
 @dataclass(frozen=True)
 class Stage:
     label: str
-    recipe: str | None          # file in examples/recipes, None = capture only
+    recipe: str | None          # file in fxcook/recipes, None = capture only
     distill_steps: int = 0
     onnx: bool = False          # also export to ONNX and run it in ONNX Runtime
 
@@ -45,7 +45,7 @@ def _recipe(stage: Stage):
         return parse_recipe({"passes": []}, source="capture only")
     path = RECIPES / stage.recipe
     if not path.is_file():
-        raise FxcookError(f"demo stage {stage.label!r} needs {path} (run the demo from a source checkout)")
+        raise FxcookError(f"demo stage {stage.label!r} needs {path}, which is missing: reinstall fxcook")
     return load_recipe(path)
 
 
@@ -61,9 +61,8 @@ def _median_ms(fn, inputs: dict, reps: int = 5) -> float:
 
 def _onnx_row(cooked, tok, held_out: list[str], ref) -> dict:
     """Export `cooked`, run it in ONNX Runtime: fidelity and batch 8 x 128 latency (2 threads)."""
-    from fxcook.runtime import onnx as fxonnx
-
     from fxcook.evaluate import embed, fidelity
+    from fxcook.runtime import onnx as fxonnx
 
     batch = dict(tok(held_out[:8], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     with tempfile.TemporaryDirectory() as d:
@@ -75,11 +74,11 @@ def _onnx_row(cooked, tok, held_out: list[str], ref) -> dict:
 def run(samples: int = 256, distill: bool = True, onnx: bool = True, console: Console | None = None) -> list[dict]:
     from fxcook import compile
     from fxcook.data import calibration_for, shakespeare_lines
-    from fxcook.training.losses import DistillLoss
     from fxcook.evaluate import embed, fidelity
     from fxcook.models import load_model
     from fxcook.report import activated_size, block_weights
     from fxcook.training.loop import train
+    from fxcook.training.losses import DistillLoss
 
     console = console or Console(width=150)
     model, tok = load_model("minilm")

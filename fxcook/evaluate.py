@@ -6,19 +6,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fxcook.tracing import main_output
+
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token states under the attention mask, L2-normalised (sentence-transformers)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-
-
-def _hidden(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    return out[0]
 
 
 @torch.no_grad()
@@ -28,7 +22,7 @@ def embed(model: Callable, tokenizer, sentences: list[str], batch_size: int = 32
     for i in range(0, len(sentences), batch_size):
         enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        outs.append(mean_pool(_hidden(model(**dict(enc))), enc["attention_mask"]))
+        outs.append(mean_pool(main_output(model(**dict(enc))), enc["attention_mask"]))
     return torch.cat(outs)
 
 

@@ -9,7 +9,7 @@ children of a ModuleList that hold linears: the transformer blocks).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -59,6 +59,15 @@ class SiteIndex:
 
     def add(self, site: Site) -> None:
         self.sites.append(site)
+
+    def update(self, path: str, kind: str, **info) -> Site:
+        """Record what a pass changed at a site: a new Site with `info` merged in replaces it (sites
+        are frozen, and a copied model or an earlier query keeps the Site it had)."""
+        for i, site in enumerate(self.sites):
+            if site.path == path and site.kind == kind:
+                self.sites[i] = replace(site, info={**site.info, **info})
+                return self.sites[i]
+        raise KeyError(f"no {kind} site at {path!r}")
 
     def remove(self, paths: set[str], kind: str) -> None:
         self.sites = [s for s in self.sites if not (s.kind == kind and s.path in paths)]

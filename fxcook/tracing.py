@@ -14,7 +14,7 @@ import linecache
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +24,7 @@ from torch.export import Dim
 from torch.export.unflatten import InterpreterModule, UnflattenedModule
 from torch.utils import _pytree as pytree
 
-from fxcook.errors import CaptureError, FxcookError
+from fxcook.errors import CaptureError, FxcookError, PassError
 from fxcook.nn import CookedLinear
 
 LINEAR_TYPES = ("Linear", "Conv1D")
@@ -67,6 +67,69 @@ def calibration_batches(calibration: Any, owner: str, limit: int | None = None) 
     Any iterable works (a generator is read once, so it serves one pass)."""
     check_calibration(calibration, owner)
     return itertools.islice(calibration, limit)
+
+
+def run_batches(model: Any, batches: Iterable, desc: str, limit: int | None = None) -> int:
+    """Call `model` on each batch (the first `limit`) under a progress bar; returns how many ran."""
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    total = limit if total is None else total if limit is None else min(total, limit)
+    seen = 0
+    for batch in tqdm(itertools.islice(batches, limit), desc=desc, total=total, leave=False):
+        call_batch(model, batch)
+        seen += 1
+    return seen
+
+
+@torch.no_grad()
+def record_inputs(model: Any, modules: Mapping[str, nn.Module], record: Callable[[str, torch.Tensor], None],
+                  batches: Iterable, desc: str, limit: int | None = None) -> None:
+    """Run calibration `batches` through `model`, calling `record(key, x)` with the (detached) first
+    input of every call of `modules[key]`: the one calibration recorder of the passes.
+
+    A module that no batch reached has nothing recorded, so that is a PassError naming it.
+    """
+    reached: set[str] = set()
+
+    def hook_for(key):
+        def hook(_mod, args):
+            reached.add(key)
+            record(key, args[0].detach())
+        return hook
+
+    hooks = [mod.register_forward_pre_hook(hook_for(key)) for key, mod in modules.items()]
+    try:
+        run_batches(model, batches, desc, limit)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [key for key in modules if key not in reached]
+    if missing:
+        raise PassError(f"{desc} never reached {missing[:5]} (is the calibration data empty?)")
+
+
+MAIN_OUTPUTS = ("logits", "last_hidden_state")
+
+
+def main_output(out: Any, names: Sequence[str] = MAIN_OUTPUTS) -> torch.Tensor | None:
+    """The tensor a model's output is judged by, or None: the tensor itself; for an output that names
+    its main tensors (`logits`, `last_hidden_state`: a ModelOutput, dict or object), the first of
+    `names` it has; otherwise the first tensor of a tuple, list or dict."""
+    if isinstance(out, torch.Tensor):
+        return out
+    fields = out if isinstance(out, Mapping) else {n: getattr(out, n) for n in MAIN_OUTPUTS if hasattr(out, n)}
+    named = {n for n in MAIN_OUTPUTS if isinstance(fields.get(n), torch.Tensor)}
+    if named:
+        return next((fields[n] for n in names if n in named), None)
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def parent_of(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the submodule (or parameter) at dotted `path`, and its name there."""
+    parent_path, _, name = path.rpartition(".")
+    return root.get_submodule(parent_path), name
 
 
 def dynamic_spec(value: Any) -> Any:
@@ -246,7 +309,7 @@ def _retie(root: nn.Module, model: nn.Module) -> None:
     for names in groups.values():
         try:
             shared = root.get_parameter(names[0])
-            owners = [(root.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names[1:]]
+            owners = [parent_of(root, n) for n in names[1:]]
         except AttributeError:
             continue
         for owner, attr in owners:
@@ -262,8 +325,7 @@ def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool 
         root = torch.export.unflatten(ep)
     memo: dict[int, torch.Tensor] = {}
     for name, tensor in real.items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = root.get_submodule(owner_path)
+        owner, attr = parent_of(root, name)
         if attr in owner._parameters:
             owner._parameters[attr] = _own(tensor, memo, inplace)
         elif attr in owner._buffers:
@@ -275,8 +337,7 @@ def unflatten(ep: torch.export.ExportedProgram, model: nn.Module, inplace: bool 
     for path, orig in originals.items():
         if type(orig).__name__ not in LINEAR_TYPES or path not in calls:
             continue
-        parent_path, _, name = path.rpartition(".")
-        parent = root.get_submodule(parent_path)
+        parent, name = parent_of(root, path)
         current = getattr(parent, name)
         if not _leaf_is_linear(current):
             continue

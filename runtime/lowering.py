@@ -28,6 +28,7 @@ from torch import nn
 from fxcook.errors import FxcookError, NotSupportedYet, PassError
 from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
 from fxcook.qview import quant_view
+from fxcook.tracing import parent_of
 
 __all__ = ["EmbeddingInt8Export", "ExpertInputExport", "ExpertWeightExport", "Flat", "MoEFFNExport",
            "QuantLinearExport", "lowered"]
@@ -142,8 +143,7 @@ def lowered_experts(model: nn.Module):
     swapped = []
     try:
         for path, quant in param_quants(model).items():
-            owner_path, _, attr = path.rpartition(".")
-            owner = model.get_submodule(owner_path)
+            owner, attr = parent_of(model, path)
             for name, mod in list(owner.named_children()):
                 if mod is quant:
                     setattr(owner, name, ExpertWeightExport(quant, getattr(owner, attr)))
@@ -204,8 +204,7 @@ def lowered(cooked: nn.Module):
         for path, mod in list(cooked.named_modules()):
             form = _export_form(mod) if path else None  # the root itself: below
             if form is not None:
-                parent, _, name = path.rpartition(".")
-                owner = cooked.get_submodule(parent)
+                owner, name = parent_of(cooked, path)
                 setattr(owner, name, form)
                 swapped.append((owner, name, mod))
         cooked.eval()

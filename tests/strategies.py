@@ -21,14 +21,6 @@ def model_and_inputs(draw, family=None):
     return fam, model, x, x2
 
 
-def main_output(out):
-    """The tensor a family's forward is judged by (logits or last hidden state)."""
-    for name in ("logits", "last_hidden_state"):
-        if hasattr(out, name):
-            return getattr(out, name)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 # ONNX Runtime's integer kernels compute what torch's fake quantization computes, up to float reassociation.
 # Measured on the tiny models (75 seeds x 3 activation schemes), relative to the output's absmax: <= 3e-7,
 # except where reassociation flips one int8 rounding (about 1 case in 20): then <= 3e-5 at the max and

@@ -7,13 +7,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import main_output
 
 import fxcook
 from fxcook.artifact import ArtifactError
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 from fxcook.passes.sparsify import update_masks
+from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.tracing import main_output
 
 
 def calib(family):

@@ -1,20 +1,17 @@
 """`inplace`: with it the cooked model shares the original's parameters; without it the original never changes."""
 import pytest
 import torch
-from fxcook.passes.sparsify import Sparsify
 
 import fxcook
+from fxcook.passes.sparsify import Sparsify
 from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.tracing import main_output
 
 FAMILIES = ("bert", "llama")
 
 
 def _storages(module: torch.nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
-
-
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
 @pytest.mark.parametrize("entry", ["capture", "compile"])
@@ -46,12 +43,12 @@ def test_inplace_compile_passes_rewrite_the_original(family):
 def test_default_copies_and_the_original_stays_bit_identical(family):
     model, x = tiny_model(family), tiny_inputs(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = _logits(model(**x)).detach()
+    ref = main_output(model(**x)).detach()
     cooked = fxcook.compile(model, [Sparsify(method="m4n2_1d")], x)
     assert not _storages(cooked) & _storages(model)
     cooked.train()
     opt = torch.optim.SGD(cooked.parameters(), lr=0.1)
-    _logits(cooked(**x)).square().mean().backward()
+    main_output(cooked(**x)).square().mean().backward()
     opt.step()
     with torch.no_grad():
         for p in cooked.parameters():
@@ -61,4 +58,4 @@ def test_default_copies_and_the_original_stays_bit_identical(family):
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(_logits(model(**x)), ref)
+    assert torch.equal(main_output(model(**x)), ref)

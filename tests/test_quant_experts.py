@@ -87,8 +87,7 @@ def test_every_expert_weight_is_quantized_in_the_graph(captured, family):
     changes = {c.path for r in cooked.history for c in r.changes}
     assert set(paths) <= changes
     for path in paths:
-        owner_path, _, attr = path.rpartition(".")
-        owner = cooked.get_submodule(owner_path)
+        owner, attr = cooked.parent(path)
         calls = {n.target: n for n in owner.graph.nodes if n.op == "call_module"}
         assert calls[f"{attr}_quant"].args[0].op == "get_attr"
         assert isinstance(getattr(owner, f"{attr}_input_quant").quant, TokenQuant)

@@ -56,14 +56,14 @@ def test_bmcook_maps_or_says_not_supported(tmp_path):
         assert names == ["sparsify", "quantize"]
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/recipes/*.yaml")),
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("fxcook/recipes/*.yaml")),
                          ids=lambda p: p.name)
 def test_example_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.passes and all(type(p).name in REGISTRY for p in recipe.build())
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("examples/recipes/*.yaml")),
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("fxcook/recipes/*.yaml")),
                          ids=lambda p: p.name)
 def test_example_recipes_hand_calibration_to_every_data_pass(path):
     from fxcook.passbase import DataPass

@@ -11,10 +11,11 @@ from safetensors.torch import load_file, save_file
 
 import fxcook
 from fxcook.errors import PassError
-from fxcook.passes.sparsify.masks import is_24
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.sparsify import Sparsify, activation_norms, update_masks
+from fxcook.passes.sparsify.masks import is_24
+from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.tracing import main_output
 
 FAMILIES = ("bert", "gpt2", "llama")
 _CACHE = {}
@@ -28,8 +29,7 @@ def cooked(family: str):
 
 
 def out(model, family, seed=1):
-    o = model(**tiny_inputs(family, seed=seed))
-    return o.last_hidden_state if hasattr(o, "last_hidden_state") else o.logits
+    return main_output(model(**tiny_inputs(family, seed=seed)))
 
 
 def masked(model):

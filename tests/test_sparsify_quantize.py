@@ -14,7 +14,7 @@ from fxcook.nn import CookedLinear
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify
 
-RECIPE = "examples/recipes/int8_24.yaml"
+RECIPE = "fxcook/recipes/int8_24.yaml"
 _BASE = {}
 
 

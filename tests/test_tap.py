@@ -3,12 +3,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import model_and_inputs
 
 from fxcook.errors import PassError, SelectorError
 from fxcook.passes.tap import Tap
-from fxcook.taps import TapPoint, collect_taps, parse_spec, run_with_taps, tap_points, teacher_pairs
 from fxcook.pipeline import apply, compile
-from strategies import main_output, model_and_inputs
+from fxcook.taps import TapPoint, collect_taps, parse_spec, run_with_taps, tap_points, teacher_pairs
+from fxcook.tracing import main_output
 
 
 @settings(max_examples=6, deadline=None)

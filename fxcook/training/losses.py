@@ -34,6 +34,7 @@ from torch import nn
 
 from fxcook.errors import FxcookError, PreconditionError
 from fxcook.taps import parse_spec, run_with_taps, tap_points, teacher_pairs
+from fxcook.tracing import main_output
 
 Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq")
 K_NAMES = ("key", "k_proj", "k", "k_lin", "wk")
@@ -76,11 +77,7 @@ def _key(tap: str) -> str:
 
 
 def _logits(out: Any, who: str) -> torch.Tensor:
-    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
-    if logits is None and isinstance(out, torch.Tensor):
-        logits = out
+    logits = main_output(out, ("logits",))
     if logits is None:
         raise PreconditionError(f"the {who} output ({type(out).__name__}) has no logits; "
                                 f"kl and lm losses need a model with an LM/classification head")

@@ -31,11 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxcook.errors import PassError, PreconditionError, SelectorError
-from fxcook.passes.moefy.routed import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partition, train_router
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
+from fxcook.passes.moefy.routed import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partition, train_router
 from fxcook.select import Select
-from fxcook.tracing import calibration_batches, call_batch, call_sites
+from fxcook.tracing import call_sites, check_calibration, record_inputs
 
 __all__ = ["Moefy"]
 
@@ -196,7 +196,7 @@ class Moefy(DataPass):
                 raise PreconditionError(f"moefy: FFN {site.path}: activation {act!r} is not supported")
             if info.get("act") is None:
                 raise PreconditionError(f"moefy: FFN {site.path}: its activation is inline, not a module")
-        scheduled = [p for st in getattr(cooked, "mask_schedules", None) or [] for p in st.paths]
+        scheduled = [p for st in cooked.mask_schedules for p in st.paths]
         ffn_paths = {s.info[k] for s in sites for k in ("up", "gate", "down") if s.info.get(k)}
         if ffn_paths & set(scheduled):
             raise PreconditionError(
@@ -211,28 +211,15 @@ class Moefy(DataPass):
         store: dict[str, list[torch.Tensor]] = {s.path: [] for s in sites}
         counts = {s.path: 0 for s in sites}
 
-        def hook_for(path):
-            def hook(_mod, args):
-                if counts[path] < cfg.max_tokens:
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()[: cfg.max_tokens - counts[path]]
-                    store[path].append(x.cpu())
-                    counts[path] += x.shape[0]
-            return hook
+        def record(path, x):
+            if counts[path] < cfg.max_tokens:
+                x = x.reshape(-1, x.shape[-1]).float()[: cfg.max_tokens - counts[path]]
+                store[path].append(x.cpu())
+                counts[path] += x.shape[0]
 
-        hooks = [cooked.get_submodule(s.info["up"]).register_forward_pre_hook(hook_for(s.path)) for s in sites]
-        try:
-            total = min(len(self.calibration), cfg.calib_batches) if hasattr(self.calibration, "__len__") else None
-            for i, batch in enumerate(tqdm(calibration_batches(self.calibration, self.name, cfg.calib_batches),
-                                           desc="moefy calibration", total=total, leave=False)):
-                if i >= cfg.calib_batches:
-                    break
-                call_batch(cooked, batch)
-        finally:
-            for h in hooks:
-                h.remove()
-        empty = [p for p, xs in store.items() if not xs]
-        if empty:
-            raise PassError(f"moefy: calibration never reached the FFNs {empty[:3]} (is the calibration data empty?)")
+        check_calibration(self.calibration, self.name)
+        ups = {s.path: cooked.get_submodule(s.info["up"]) for s in sites}
+        record_inputs(cooked, ups, record, self.calibration, "moefy calibration", cfg.calib_batches)
         return {p: torch.cat(xs) for p, xs in store.items()}
 
     def _labels(self, site, cooked, hidden: torch.Tensor | None) -> torch.Tensor:
@@ -288,8 +275,8 @@ class Moefy(DataPass):
 
     def _install(self, cooked, site, moe: MoEFFN, calls) -> str:
         info = site.info
-        owner = info["down"].rpartition(".")[0]
-        parent = cooked.get_submodule(owner)
+        owner = info["down"].rpartition(".")[0]  # the module path, for the new module's path
+        parent, _ = cooked.parent(info["down"])
         local = _local_slice(parent.graph, calls, owner, info) if isinstance(getattr(parent, "graph", None), torch.fx.Graph) else None
         if local is not None:
             x, down_call, body = local
@@ -308,7 +295,7 @@ class Moefy(DataPass):
                 graph.erase_node(n)
             for key in ("up", "gate", "act", "down"):
                 if info.get(key):
-                    delattr(parent, info[key].rpartition(".")[2])
+                    delattr(*cooked.parent(info[key]))
             return _join(owner, name)
         if info.get("gate"):
             raise PreconditionError(f"moefy: gated FFN {site.path} spans several modules; not supported")
@@ -332,10 +319,8 @@ class Moefy(DataPass):
         changes = []
         for site, moe in built:
             path = self._install(cooked, site, moe, calls)
-            info = site.info
-            old = {info[k] for k in ("up", "gate", "down") if info.get(k)}
-            cooked.sites.remove(old, "linear")
-            info["moe"] = path
+            info = cooked.sites.update(site.path, "ffn", moe=path).info
+            cooked.sites.remove({info[k] for k in ("up", "gate", "down") if info.get(k)}, "linear")
             width = moe.up.weight.shape[0] * moe.up.weight.shape[1]
             changes.append(Change(path, (
                 f"FFN {info['up']} -> {info['act_op']} -> {info['down']} as MoEFFN: {cfg.experts} experts of "

@@ -47,14 +47,13 @@ class Relufy(Pass):
         changes = []
         self._swapped = []
         for site in self._sites(cooked):
-            was = site.info["act_op"]
-            cooked.swap(site.info["act"], nn.ReLU())
-            site.info["act_op"] = "relu"
-            for act_site in cooked.sites.find("activation"):
-                if act_site.path == site.info["act"]:
-                    act_site.info["type"] = "ReLU"
-            self._swapped.append(site.info["act"])
-            changes.append(Change(site.info["act"], f"{was} -> relu"))
+            act = site.info["act"]
+            cooked.swap(act, nn.ReLU())
+            cooked.sites.update(site.path, "ffn", act_op="relu")
+            if any(s.path == act for s in cooked.sites.find("activation")):
+                cooked.sites.update(act, "activation", type="ReLU")
+            self._swapped.append(act)
+            changes.append(Change(act, f"{site.info['act_op']} -> relu"))
         return self.finish(cooked, changes)
 
     def ensures(self, cooked) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fxcook.nn import CookedEmbedding
+from fxcook.tracing import parent_of
 
 __all__ = ["cook_embeddings"]
 
@@ -45,7 +46,7 @@ def cook_embeddings(cooked: nn.Module) -> dict[str, CookedEmbedding]:
         lookup = _table_lookup(mod)
         if lookup is None or not path:
             continue
-        parent, _, name = path.rpartition(".")
         found[path] = CookedEmbedding(*lookup)
-        setattr(cooked.get_submodule(parent), name, found[path])
+        owner, name = parent_of(cooked, path)
+        setattr(owner, name, found[path])
     return found

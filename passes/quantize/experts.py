@@ -34,7 +34,7 @@ from fxcook.passes.quantize.quantizers import (
     act_quantizer,
 )
 from fxcook.select import Select
-from fxcook.tracing import finalize
+from fxcook.tracing import finalize, parent_of
 
 __all__ = [
     "ExpertInputQuant",
@@ -163,8 +163,7 @@ def quantize_experts(cooked: nn.Module, paths: list[str], weights: WeightSpec, a
     """
     touched = set()
     for path in paths:
-        owner_path, _, attr = path.rpartition(".")
-        owner = cooked.get_submodule(owner_path)
+        owner, attr = parent_of(cooked, path)
         graph = getattr(owner, "graph", None)
         param = getattr(owner, attr, None)
         if not isinstance(graph, torch.fx.Graph) or not isinstance(param, torch.Tensor) or param.dim() != 3:

@@ -32,7 +32,7 @@ from fxcook.passes.quantize.quantizers import OBSERVERS, WeightQuant, act_quanti
 from fxcook.passes.quantize.embeddings import cook_embeddings
 from fxcook.passes.quantize.experts import quantize_experts, select_experts
 from fxcook.select import Select
-from fxcook.tracing import calibration_batches, call_batch
+from fxcook.tracing import calibration_batches, call_batch, main_output, record_inputs
 
 __all__ = ["Quantize", "QuantizeConfig"]
 
@@ -256,28 +256,18 @@ class Quantize(DataPass):
         """
         amax: dict[str, torch.Tensor] = {}
 
-        def hook_for(path):
-            def hook(_mod, args):
-                x = args[0].detach()
-                m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
-                amax[path] = m if path not in amax else torch.maximum(amax[path], m)
-            return hook
+        def record(path, x):
+            m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
+            amax[path] = m if path not in amax else torch.maximum(amax[path], m)
 
         stash = [(m, m.weight_quant, m.input_quant) for m in linears.values()]
         for m in linears.values():
             m.weight_quant = m.input_quant = None
-        hooks = [m.register_forward_pre_hook(hook_for(p)) for p, m in linears.items()]
         try:
-            for batch in tqdm(batches, desc="smoothquant calibration", leave=False):
-                call_batch(cooked, batch)
+            record_inputs(cooked, linears, record, batches, "smoothquant calibration")
         finally:
-            for h in hooks:
-                h.remove()
             for m, wq, iq in stash:
                 m.weight_quant, m.input_quant = wq, iq
-        missing = [p for p in linears if p not in amax]
-        if missing:
-            raise PassError(f"smoothquant calibration never reached {missing[:5]}")
         factors = {}
         for paths in _input_groups(cooked, linears).values():
             mods = [linears[p] for p in paths]
@@ -346,11 +336,8 @@ def _masked_sq_error(out: torch.Tensor, ref: torch.Tensor, batch) -> float:
 
 
 def _first_tensor(out) -> torch.Tensor:
-    """The model's main output: the tensor itself, or the first tensor of a tuple / ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if hasattr(out, "values") else out
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
+    """`main_output`, which sensitivity measurement cannot do without."""
+    main = main_output(out)
+    if main is not None:
+        return main
     raise PassError(f"quantize: sensitive_inputs needs a tensor output, the model returned {type(out).__name__}")

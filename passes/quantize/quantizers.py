@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fxcook.errors import FxcookError
 from fxcook.qview import EPS, absmax_scale
-from fxcook.tracing import call_batch
+from fxcook.tracing import run_batches
 
 __all__ = [
     "qmax", "fake_quant", "parse_weights", "parse_acts", "WeightQuant", "TokenQuant", "TensorQuant",
@@ -346,12 +345,8 @@ def calibrate(model: nn.Module, batches: Iterable, desc: str = "calibration") ->
         return 0
     for m in observers:
         m.observing, m._amax, m._samples = True, 0.0, []
-    seen = 0
     try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, desc=desc, total=total, leave=False):
-            call_batch(model, batch)
-            seen += 1
+        seen = run_batches(model, batches, desc)
     finally:
         for m in observers:
             m.observing = False

@@ -20,14 +20,13 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tqdm.auto import tqdm
 
 from fxcook.errors import PassError, PreconditionError
-from fxcook.passes.sparsify.masks import count_24_violations, make_mask
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
+from fxcook.passes.sparsify.masks import count_24_violations, make_mask
 from fxcook.select import Select
-from fxcook.tracing import calibration_batches, call_batch
+from fxcook.tracing import calibration_batches, record_inputs
 
 __all__ = ["MaskState", "Schedule", "Sparsify", "activation_norms", "update_masks"]
 
@@ -82,36 +81,18 @@ def _quantizers_off(cooked):
             mod.weight_quant, mod.input_quant = wq, iq
 
 
-@torch.no_grad()
 def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batches: int) -> dict[str, torch.Tensor]:
     """L2 norm over all calibration tokens of each input feature of the CookedLinears at `paths`."""
-    sums = {p: None for p in paths}
-    hooks = []
+    sums: dict[str, torch.Tensor] = {}
 
-    def hook_for(path):
-        def hook(_mod, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sq = (x * x).sum(0)
-            sums[path] = sq if sums[path] is None else sums[path] + sq
+    def record(path, x):
+        x = x.float().reshape(-1, x.shape[-1])
+        sums[path] = (x * x).sum(0) + sums.get(path, 0)
 
-        return hook
-
-    for p in paths:
-        hooks.append(cooked.get_submodule(p).register_forward_pre_hook(hook_for(p)))
-    try:
-        with _quantizers_off(cooked):
-            total = min(len(calibration), max_batches) if hasattr(calibration, "__len__") else max_batches
-            for i, batch in enumerate(tqdm(calibration, desc="wanda calibration", total=total, leave=False)):
-                if i >= max_batches:
-                    break
-                call_batch(cooked, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = [p for p, s in sums.items() if s is None]
-    if missing:
-        raise PassError(f"wanda calibration never reached {missing[:5]} (is the calibration data empty?)")
-    return {p: s.sqrt() for p, s in sums.items()}
+    with _quantizers_off(cooked):
+        record_inputs(cooked, {p: cooked.get_submodule(p) for p in paths}, record, calibration, "wanda calibration",
+                      max_batches)
+    return {p: sums[p].sqrt() for p in paths}
 
 
 def _full(weight: torch.Tensor) -> torch.Tensor:
@@ -131,8 +112,9 @@ def _like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class MaskState:
     """The masks one Sparsify put on a model, and how to recompute them on its schedule.
 
-    Kept on the model (`cooked.mask_schedules`) when a schedule is set, so a training loop can
-    advance it without the pass object; it holds no calibration data, only the activation norms.
+    Kept on the model (a `MaskSchedule` in `CookedModel.mask_schedules`) when a schedule is set, so a
+    training loop can advance it without the pass object; it holds no calibration data, only the
+    activation norms.
     """
 
     def __init__(self, config: SparsifyConfig, paths: list[str], norms: dict[str, torch.Tensor], base: dict[str, torch.Tensor]):
@@ -233,8 +215,6 @@ class Sparsify(DataPass):
         start = 0 if cfg.schedule is None else cfg.schedule.start
         if cfg.schedule is not None:
             state.last_update = start
-            if getattr(cooked, "mask_schedules", None) is None:
-                cooked.mask_schedules = []
             cooked.mask_schedules.append(state)
         if cfg.method == "wanda" and self.restoring:
             state.norms = {p: torch.ones(m.in_features) for p, m in linears}
