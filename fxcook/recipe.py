@@ -25,6 +25,9 @@ from fxcook.errors import NotSupportedYet, RecipeError
 from fxcook.passbase import DataPass, Pass
 
 
+SHIPPED = Path(__file__).resolve().parent / "recipes"  # package data: there in an installed wheel too
+
+
 class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data: str = "shakespeare"
@@ -84,10 +87,15 @@ def parse_recipe(data: dict, source: str = "<memory>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a .yaml/.yml/.json recipe (or a BMCook JSON config) and validate it."""
+    """Read a .yaml/.yml/.json recipe (or a BMCook JSON config) and validate it. A bare name such as
+    `int8` is one of the recipes shipped in fxcook/recipes/, when no such file exists."""
     path = Path(path)
+    shipped = SHIPPED / f"{path.name}.yaml"
+    if not path.is_file() and path.name == str(path) and shipped.is_file():
+        path = shipped
     if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+        names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+        raise RecipeError(f"recipe {path} does not exist (shipped recipes, usable by name: {names})")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
