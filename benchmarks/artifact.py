@@ -5,6 +5,7 @@ restore-mode passes, strict state load, manifest check), then the outputs of the
 the compiled one on held-out lines. Load must cost less than compile (no recalibration) and reproduce it.
 Usage: python benchmarks/artifact.py [--recipes int8 int8_24 moe]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,14 @@ def row(name: str, model, tok, batch) -> dict:
         load_s = time.perf_counter() - t0
     with torch.no_grad():
         diff = (cooked(**batch).last_hidden_state - loaded(**batch).last_hidden_state).abs().max().item()
-    return {"recipe": name, "compile_s": compiled, "save_s": saved, "load_s": load_s, "mb": size / 1e6,
-            "max_diff": diff}
+    return {
+        "recipe": name,
+        "compile_s": compiled,
+        "save_s": saved,
+        "load_s": load_s,
+        "mb": size / 1e6,
+        "max_diff": diff,
+    }
 
 
 def main() -> None:
@@ -52,11 +59,15 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tok = load_model("minilm")
     batch = example_batch(tok, shakespeare_lines(n=16, seed=99), max_length=64)
-    print(f"{'recipe':10} {'compile s':>10} {'save s':>8} {'load s':>8} {'load/compile':>13} {'MB':>7} {'max|diff|':>10}")
+    print(
+        f"{'recipe':10} {'compile s':>10} {'save s':>8} {'load s':>8} {'load/compile':>13} {'MB':>7} {'max|diff|':>10}"
+    )
     for name in args.recipes:
         r = row(name, model, tok, batch)
-        print(f"{r['recipe']:10} {r['compile_s']:10.2f} {r['save_s']:8.2f} {r['load_s']:8.2f} "
-              f"{r['load_s'] / r['compile_s']:13.2f} {r['mb']:7.1f} {r['max_diff']:10.2e}")
+        print(
+            f"{r['recipe']:10} {r['compile_s']:10.2f} {r['save_s']:8.2f} {r['load_s']:8.2f} "
+            f"{r['load_s'] / r['compile_s']:13.2f} {r['mb']:7.1f} {r['max_diff']:10.2e}"
+        )
 
 
 if __name__ == "__main__":

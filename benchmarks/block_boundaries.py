@@ -15,6 +15,7 @@ from eager. Writes benchmarks/results/block_boundaries.md.
 
     python benchmarks/block_boundaries.py [--layers 8 --hidden 256 --steps 6]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,15 @@ def _model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, use_cache=False)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        use_cache=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -60,8 +68,10 @@ def build(kind: str, model, x):
 
         eager = copy.deepcopy(model)
         seen = {}
-        hooks = [blk.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a, k)), with_kwargs=True)
-                 for i, blk in enumerate(eager.model.layers)]
+        hooks = [
+            blk.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a, k)), with_kwargs=True)
+            for i, blk in enumerate(eager.model.layers)
+        ]
         with torch.no_grad():
             eager(**x)
         for h in hooks:
@@ -94,13 +104,18 @@ def _measure(kind: str, args, rank: int, world: int) -> dict:
     peak = [0]
 
     def sample(*_):
-        live = sum(p.numel() * p.element_size() for m in root.modules()
-                   for p in m._parameters.values() if p is not None and not hasattr(p, "to_local"))
+        live = sum(
+            p.numel() * p.element_size()
+            for m in root.modules()
+            for p in m._parameters.values()
+            if p is not None and not hasattr(p, "to_local")
+        )
         peak[0] = max(peak[0], live)
 
     handles = [m.register_forward_pre_hook(sample) for m in root.modules()]
-    handles += [m.register_full_backward_pre_hook(lambda m, g: sample()) for m in root.modules()
-                if not list(m.children())]
+    handles += [
+        m.register_full_backward_pre_hook(lambda m, g: sample()) for m in root.modules() if not list(m.children())
+    ]
     opt = torch.optim.AdamW(root.parameters(), lr=1e-4)
     times = []
     for _ in range(args.steps):
@@ -112,8 +127,14 @@ def _measure(kind: str, args, rank: int, world: int) -> dict:
         times.append(time.perf_counter() - t0)
     for h in handles:
         h.remove()
-    return {"kind": kind, "local_param_bytes": local, "peak_unsharded_param_bytes": peak[0],
-            "step_s": statistics.median(times[1:]), "max_abs_diff": diff, "blocks_sharded": len(blocks)}
+    return {
+        "kind": kind,
+        "local_param_bytes": local,
+        "peak_unsharded_param_bytes": peak[0],
+        "step_s": statistics.median(times[1:]),
+        "max_abs_diff": diff,
+        "blocks_sharded": len(blocks),
+    }
 
 
 def _worker(rank: int, world: int, args, tmp: str):
@@ -152,12 +173,17 @@ def main() -> None:
     ]
     for i, kind in enumerate(("unflatten", "per-region", "flat")):
         r0, r1 = ranks[0][i], ranks[1][i]
-        lines.append(f"| {kind} | {r0['blocks_sharded']} | {r0['local_param_bytes'] / 2**20:.2f} / {r1['local_param_bytes'] / 2**20:.2f} "
-                     f"| {max(r0['peak_unsharded_param_bytes'], r1['peak_unsharded_param_bytes']) / 2**20:.2f} "
-                     f"| {max(r0['step_s'], r1['step_s']):.3f} | {r0['max_abs_diff']:.2e} |")
-    lines += ["", "Peak all-gathered parameters are sampled at every module call in forward and backward: "
-              "with per-block sharding only the root group (embeddings, final norm, LM head) and the running "
-              "block are unsharded at once; the flat graph must all-gather the whole model."]
+        lines.append(
+            f"| {kind} | {r0['blocks_sharded']} | {r0['local_param_bytes'] / 2**20:.2f} / {r1['local_param_bytes'] / 2**20:.2f} "
+            f"| {max(r0['peak_unsharded_param_bytes'], r1['peak_unsharded_param_bytes']) / 2**20:.2f} "
+            f"| {max(r0['step_s'], r1['step_s']):.3f} | {r0['max_abs_diff']:.2e} |"
+        )
+    lines += [
+        "",
+        "Peak all-gathered parameters are sampled at every module call in forward and backward: "
+        "with per-block sharding only the root group (embeddings, final norm, LM head) and the running "
+        "block are unsharded at once; the flat graph must all-gather the whole model.",
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

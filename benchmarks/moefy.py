@@ -8,6 +8,7 @@ the fp32 original; mean/min embedding cosine vs fp32 and router recall, before a
 
     python benchmarks/moefy.py [--threads 2,1] [--steps 300] [--skip-minilm] [--out benchmarks/results/moefy.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 from fxcook.nn import CookedLinear
+from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 
 
 class DenseFFN(nn.Module):
@@ -64,8 +65,8 @@ def speed(hidden: int, inter: int, tokens: int, experts: int, reps: int, threads
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    up = CookedLinear(torch.randn(inter, hidden) / hidden ** 0.5, torch.randn(inter) * 0.1)
-    down = CookedLinear(torch.randn(hidden, inter) / inter ** 0.5, torch.randn(hidden) * 0.1)
+    up = CookedLinear(torch.randn(inter, hidden) / hidden**0.5, torch.randn(inter) * 0.1)
+    down = CookedLinear(torch.randn(hidden, inter) / inter**0.5, torch.randn(hidden) * 0.1)
     dense = DenseFFN(up, down).eval()
     labels = balanced_kmeans(F.normalize(up.weight.detach(), dim=1), experts, iters=3)
     x = torch.randn(tokens, hidden)
@@ -91,8 +92,17 @@ def speed(hidden: int, inter: int, tokens: int, experts: int, reps: int, threads
     rows = []
     for label, active, key in configs:
         t, o = best[f"torch {key}"], best[f"ort {key}"]
-        rows.append({"threads": threads, "config": label, "active": active, "torch_ms": t * 1e3, "ort_ms": o * 1e3,
-                     "torch_x": best["torch dense"] / t, "ort_x": best["ort dense"] / o})
+        rows.append(
+            {
+                "threads": threads,
+                "config": label,
+                "active": active,
+                "torch_ms": t * 1e3,
+                "ort_ms": o * 1e3,
+                "torch_x": best["torch dense"] / t,
+                "ort_x": best["ort dense"] / o,
+            }
+        )
     return rows
 
 
@@ -106,14 +116,15 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, lr: float) -> d
 
     model, tok = load_model("minilm")
     lines = shakespeare_lines(sentences * 3, seed=0)
-    calib_lines, train_lines, eval_lines = lines[:sentences], lines[sentences:2 * sentences], lines[2 * sentences:]
-    calib = [example_batch(tok, calib_lines[i:i + 32], max_length=64) for i in range(0, len(calib_lines), 32)]
+    calib_lines, train_lines, eval_lines = lines[:sentences], lines[sentences : 2 * sentences], lines[2 * sentences :]
+    calib = [example_batch(tok, calib_lines[i : i + 32], max_length=64) for i in range(0, len(calib_lines), 32)]
     ref = embed(model, tok, eval_lines)
     out: dict = {"experts": experts, "top_k": top_k}
     relu = fxcook.compile(model, [Relufy()], example_inputs=calib[0])
     out["relufy"] = fidelity(ref, embed(relu, tok, eval_lines))
-    oracle = fxcook.compile(model, [Relufy(), Moefy(experts=experts, top_k=top_k, router="oracle")],
-                            example_inputs=calib[0])
+    oracle = fxcook.compile(
+        model, [Relufy(), Moefy(experts=experts, top_k=top_k, router="oracle")], example_inputs=calib[0]
+    )
     out["oracle"] = fidelity(ref, embed(oracle, tok, eval_lines))
     moefy = Moefy(calibration=calib, experts=experts, top_k=top_k, router="mlp")
     cooked = fxcook.compile(model, [Relufy(), moefy], example_inputs=calib[0])
@@ -122,9 +133,19 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, lr: float) -> d
     out["report"] = cooked.report()
     out["distilled"] = None
     if steps:
-        fxcook.train(cooked, teacher=model, data=train_lines, tokenizer=tok, steps=steps, batch_size=16,
-                     lr=lr, warmup=steps // 10, max_length=64,
-                     loss=fxcook.DistillLoss(hidden_mse=1.0), progress=True)
+        fxcook.train(
+            cooked,
+            teacher=model,
+            data=train_lines,
+            tokenizer=tok,
+            steps=steps,
+            batch_size=16,
+            lr=lr,
+            warmup=steps // 10,
+            max_length=64,
+            loss=fxcook.DistillLoss(hidden_mse=1.0),
+            progress=True,
+        )
         cooked.eval()
         out["distilled"] = fidelity(ref, embed(cooked, tok, eval_lines))
         out["steps"], out["lr"] = steps, lr
@@ -132,32 +153,57 @@ def minilm(experts: int, top_k: int, steps: int, sentences: int, lr: float) -> d
 
 
 def render(rows: list[dict], mini: dict | None, args, device: str) -> str:
-    lines = ["# MoEfication benchmark", "",
-             f"Command: `python benchmarks/moefy.py {' '.join(sys.argv[1:])}`".rstrip(), "",
-             f"Machine: {device}; torch {torch.__version__}; the same thread count for torch and ORT.", ""]
+    lines = [
+        "# MoEfication benchmark",
+        "",
+        f"Command: `python benchmarks/moefy.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Machine: {device}; torch {torch.__version__}; the same thread count for torch and ORT.",
+        "",
+    ]
     if rows:
         lines += [
-             f"## FFN latency (hidden {args.hidden}, inter {args.inter}, {args.tokens} tokens, ReLU, MLP router)", "",
-             "Best of the interleaved timed calls; speed-up vs the dense FFN in the same runtime. The MoE time includes "
-             "the router.", "",
-             "| threads | config | active experts | torch CPU ms | torch speed-up | ORT ms | ORT speed-up |",
-             "|---|---|---|---|---|---|---|"]
+            f"## FFN latency (hidden {args.hidden}, inter {args.inter}, {args.tokens} tokens, ReLU, MLP router)",
+            "",
+            "Best of the interleaved timed calls; speed-up vs the dense FFN in the same runtime. The MoE time includes "
+            "the router.",
+            "",
+            "| threads | config | active experts | torch CPU ms | torch speed-up | ORT ms | ORT speed-up |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
-        lines.append(f"| {r['threads']} | {r['config']} | {r['active']:.0%} | {r['torch_ms']:.2f} | {r['torch_x']:.2f}x | "
-                     f"{r['ort_ms']:.2f} | {r['ort_x']:.2f}x |")
+        lines.append(
+            f"| {r['threads']} | {r['config']} | {r['active']:.0%} | {r['torch_ms']:.2f} | {r['torch_x']:.2f}x | "
+            f"{r['ort_ms']:.2f} | {r['ort_x']:.2f}x |"
+        )
     if mini is not None:
-        lines += ["", f"## MiniLM: Relufy + Moefy ({mini['experts']} experts, top-{mini['top_k']}, MLP router)", "",
-                  "Embedding cosine vs the fp32 original on held-out Shakespeare lines.", "",
-                  "| stage | mean cos | min cos |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## MiniLM: Relufy + Moefy ({mini['experts']} experts, top-{mini['top_k']}, MLP router)",
+            "",
+            "Embedding cosine vs the fp32 original on held-out Shakespeare lines.",
+            "",
+            "| stage | mean cos | min cos |",
+            "|---|---|---|",
+        ]
         for name in ("relufy", "oracle", "moefy", "distilled"):
             if mini.get(name):
-                label = {"relufy": "Relufy only (no training)", "oracle": "Relufy + Moefy, oracle router (no training)",
-                         "moefy": "Relufy + Moefy, MLP router (no training)",
-                         "distilled": f"Relufy + Moefy, MLP router + distillation ({mini.get('steps')} steps, "
-                                      f"batch 16, lr {mini.get('lr')}, hidden MSE)"}[name]
+                label = {
+                    "relufy": "Relufy only (no training)",
+                    "oracle": "Relufy + Moefy, oracle router (no training)",
+                    "moefy": "Relufy + Moefy, MLP router (no training)",
+                    "distilled": f"Relufy + Moefy, MLP router + distillation ({mini.get('steps')} steps, "
+                    f"batch 16, lr {mini.get('lr')}, hidden MSE)",
+                }[name]
                 lines.append(f"| {label} | {mini[name]['mean_cos']:.4f} | {mini[name]['min_cos']:.4f} |")
-        lines += ["", f"Mean held-out router recall (share of true activation mass in the chosen experts): "
-                  f"{mini['recall']:.3f}", "", "```", mini["report"], "```"]
+        lines += [
+            "",
+            f"Mean held-out router recall (share of true activation mass in the chosen experts): {mini['recall']:.3f}",
+            "",
+            "```",
+            mini["report"],
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -182,8 +228,11 @@ def main() -> None:
     import platform
 
     device = f"{platform.machine()} CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start)"
-    rows = [] if args.skip_speed else [
-        r for t in threads for r in speed(args.hidden, args.inter, args.tokens, args.experts, args.reps, t)]
+    rows = (
+        []
+        if args.skip_speed
+        else [r for t in threads for r in speed(args.hidden, args.inter, args.tokens, args.experts, args.reps, t)]
+    )
     for r in rows:
         print(r)
     mini = None

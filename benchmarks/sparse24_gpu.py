@@ -17,6 +17,7 @@ Ratios are dense time / 2:4 time (> 1 means 2:4 is faster); slowdowns are kept.
     python benchmarks/sparse24_gpu.py --out benchmarks/results            # full run
     python benchmarks/sparse24_gpu.py --quick                             # a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,9 +95,14 @@ def _median_ms(run, reps: int) -> float:
 
 def device_info() -> dict:
     p = torch.cuda.get_device_properties(0)
-    info = {"device": p.name, "sm": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None}
+    info = {
+        "device": p.name,
+        "sm": f"{p.major}.{p.minor}",
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cusparselt": torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None,
+    }
     return info
 
 
@@ -104,14 +110,20 @@ def ceilings() -> dict:
     """Measured ceilings: D2D copy GB/s (read + write), bf16 and int8 GEMM rate at 8192^3."""
     src = torch.randn(1 << 28, device="cuda", dtype=torch.float16)  # 512 MiB
     dst = torch.empty_like(src)
-    ms, _ = time_graph([lambda: dst.copy_(src)])
+    ms, _ = time_graph([lambda: dst.copy_(src)])  # noqa: F821 (ruff misreads the later del)
     out = {"copy_GBps": 2 * src.numel() * 2 / ms / 1e6}
     del src, dst
     n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b = (
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+    )
     ms, _ = time_graph([lambda: torch.mm(a, b)])
     out["bf16_TFLOPs"] = 2 * n**3 / ms / 1e9
-    ai, bi = torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8), torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8)
+    ai, bi = (
+        torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8),
+        torch.randint(-127, 128, (n, n), device="cuda", dtype=torch.int8),
+    )
     ms, _ = time_graph([lambda: torch._int_mm(ai, bi.t())])
     out["int8_TOPs"] = 2 * n**3 / ms / 1e9
     return out
@@ -152,13 +164,17 @@ def gemm_sweep(ms: list[int], ks: list[int], ns: list[int], backends: list[str],
                         continue
                     mods = [TC.Sparse24Linear(w, None, be) for w in wb]
                     row[f"bf16_{be}_err"] = _rel(mods[0](xs[0]), ref)
-                    row[f"bf16_{be}_ms"], row[f"bf16_{be}_how"] = time_graph([lambda x=x, mod=mod: mod(x) for x, mod in zip(xs, mods)], reps)
+                    row[f"bf16_{be}_ms"], row[f"bf16_{be}_how"] = time_graph(
+                        [lambda x=x, mod=mod: mod(x) for x, mod in zip(xs, mods)], reps
+                    )
                     del mods
                 # int8 layer: per-token quantize + int8 GEMM + rescale, dense vs 2:4
                 i8 = [TC.Int8Linear(w) for w in ws]
                 ref_i8 = i8[0](xs[0]).double()
                 row["int8_dense_err"] = _rel(ref_i8, ref)
-                row["int8_dense_ms"], row["int8_dense_how"] = time_graph([lambda x=x, mod=mod: mod(x) for x, mod in zip(xs, i8)], reps)
+                row["int8_dense_ms"], row["int8_dense_how"] = time_graph(
+                    [lambda x=x, mod=mod: mod(x) for x, mod in zip(xs, i8)], reps
+                )
                 del i8
                 for be in backends:
                     reason = TC.sparse24_reason(ws[0], torch.int8, be)
@@ -167,19 +183,29 @@ def gemm_sweep(ms: list[int], ks: list[int], ns: list[int], backends: list[str],
                         continue
                     mods = [TC.Int8Sparse24Linear(w, None, be) for w in ws]
                     row[f"int8_{be}_err"] = _rel(mods[0](xs[0]), ref_i8)
-                    row[f"int8_{be}_ms"], row[f"int8_{be}_how"] = time_graph([lambda x=x, mod=mod: mod(x) for x, mod in zip(xs, mods)], reps)
+                    row[f"int8_{be}_ms"], row[f"int8_{be}_how"] = time_graph(
+                        [lambda x=x, mod=mod: mod(x) for x, mod in zip(xs, mods)], reps
+                    )
                     del mods
                 for key in [c for c in row if c.endswith("_err")]:
                     limit = 2e-2 if key.startswith("bf16") else 6e-2
                     if not row[key] <= limit:
-                        raise SystemExit(f"M={m} K={k} N={n}: {key}={row[key]:.3g} exceeds {limit}; stop before timing wrong code")
+                        raise SystemExit(
+                            f"M={m} K={k} N={n}: {key}={row[key]:.3g} exceeds {limit}; stop before timing wrong code"
+                        )
                 rows.append(row)
                 best = {be: row.get(f"bf16_{be}_ms") for be in backends}
-                print(f"[{done}/{total}] M={m:5d} K={k:4d} N={n:4d} bf16 dense {row['bf16_dense_ms']*1e3:8.1f} us  "
-                      + "  ".join(f"{be} {row['bf16_dense_ms']/v:5.2f}x" for be, v in best.items() if v)
-                      + f"  int8 dense {row['int8_dense_ms']*1e3:8.1f} us  "
-                      + "  ".join(f"int8+{be} {row['int8_dense_ms']/row[f'int8_{be}_ms']:5.2f}x" for be in backends if f"int8_{be}_ms" in row),
-                      flush=True)
+                print(
+                    f"[{done}/{total}] M={m:5d} K={k:4d} N={n:4d} bf16 dense {row['bf16_dense_ms'] * 1e3:8.1f} us  "
+                    + "  ".join(f"{be} {row['bf16_dense_ms'] / v:5.2f}x" for be, v in best.items() if v)
+                    + f"  int8 dense {row['int8_dense_ms'] * 1e3:8.1f} us  "
+                    + "  ".join(
+                        f"int8+{be} {row['int8_dense_ms'] / row[f'int8_{be}_ms']:5.2f}x"
+                        for be in backends
+                        if f"int8_{be}_ms" in row
+                    ),
+                    flush=True,
+                )
                 del ws, xs, wb
                 torch.cuda.empty_cache()
     return rows
@@ -198,8 +224,11 @@ def _cooked_variants(model, example):
         "dense": fxcook.compile(model, [], example_inputs=example),
         "2:4": fxcook.compile(model, [Sparsify(method="m4n2_1d")], example_inputs=example),
         "int8": fxcook.compile(model, [Quantize(weights="int8/channel", acts="int8/token")], example_inputs=example),
-        "int8+2:4": fxcook.compile(model, [Sparsify(method="m4n2_1d"), Quantize(weights="int8/channel", acts="int8/token")],
-                                   example_inputs=example),
+        "int8+2:4": fxcook.compile(
+            model,
+            [Sparsify(method="m4n2_1d"), Quantize(weights="int8/channel", acts="int8/token")],
+            example_inputs=example,
+        ),
     }
 
 
@@ -210,8 +239,14 @@ def model_curve(name: str, model, make_inputs, batches: list[int], backend: str,
     cooked = _cooked_variants(model, example)
     lowered, plans = {}, {}
     for key, c in cooked.items():
-        low = lower(c, dtype=torch.bfloat16, device="cuda", backend=backend, sparse=key.endswith("2:4"),
-                    int8="auto" if key.startswith("int8") else False)
+        low = lower(
+            c,
+            dtype=torch.bfloat16,
+            device="cuda",
+            backend=backend,
+            sparse=key.endswith("2:4"),
+            int8="auto" if key.startswith("int8") else False,
+        )
         lowered[key] = low.model.eval()
         plans[key] = {k: low.count(k) for k in ("dense", "2:4", "int8", "int8+2:4")}
         print(f"{name} {key}: kernels {plans[key]}", flush=True)
@@ -229,14 +264,21 @@ def model_curve(name: str, model, make_inputs, batches: list[int], backend: str,
                     limit = 3e-2 if key == "dense" or key == "2:4" else 6e-2
                     print(f"{name} {key}: relative error vs fp32 {err:.2e}", flush=True)
                     if not err <= limit:
-                        raise SystemExit(f"{name} {key}: relative error {err:.3g} vs fp32 exceeds {limit}; not timing it")
+                        raise SystemExit(
+                            f"{name} {key}: relative error {err:.3g} vs fp32 exceeds {limit}; not timing it"
+                        )
                     row[f"{key}_err"] = err
-                row[f"{key}_eager_ms"] = time_eager(lambda m=m: m(**inputs), reps)
-                row[f"{key}_graph_ms"], row[f"{key}_how"] = time_graph([lambda m=m: m(**inputs)], reps)
+                row[f"{key}_eager_ms"] = time_eager(lambda m=m: m(**inputs), reps)  # noqa: F821 (later del)
+                row[f"{key}_graph_ms"], row[f"{key}_how"] = time_graph([lambda m=m: m(**inputs)], reps)  # noqa: F821
         rows.append(row)
-        print(f"{name} batch {b:4d}: " + "  ".join(
-            f"{k} {row[f'{k}_graph_ms']:.3f} ms ({row[f'{k}_how']}, dense/{k} {row['dense_graph_ms']/row[f'{k}_graph_ms']:.2f}x)"
-            for k in lowered), flush=True)
+        print(
+            f"{name} batch {b:4d}: "
+            + "  ".join(
+                f"{k} {row[f'{k}_graph_ms']:.3f} ms ({row[f'{k}_how']}, dense/{k} {row['dense_graph_ms'] / row[f'{k}_graph_ms']:.2f}x)"
+                for k in lowered
+            ),
+            flush=True,
+        )
         del inputs
         torch.cuda.empty_cache()
     del lowered
@@ -262,8 +304,16 @@ def llama_block_curve(batches, backend, reps, seq):
     """One decoder block with Llama-2-7B's shapes (hidden 4096, FFN 11008, 32 heads), random init."""
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, use_cache=False)
+    cfg = tf.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     model = tf.LlamaModel(cfg).eval()
 
@@ -279,18 +329,29 @@ def llama_block_curve(batches, backend, reps, seq):
 
 
 def _md_gemm(rows: list[dict], backends: list[str]) -> str:
-    head = ["M", "K", "N", "bf16 dense us", *[f"bf16 2:4 {b} us (x)" for b in backends], "int8 dense us",
-            *[f"int8+2:4 {b} us (x)" for b in backends]]
+    head = [
+        "M",
+        "K",
+        "N",
+        "bf16 dense us",
+        *[f"bf16 2:4 {b} us (x)" for b in backends],
+        "int8 dense us",
+        *[f"int8+2:4 {b} us (x)" for b in backends],
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["M"]), str(r["K"]), str(r["N"]), f"{r['bf16_dense_ms']*1e3:.1f}"]
+        cells = [str(r["M"]), str(r["K"]), str(r["N"]), f"{r['bf16_dense_ms'] * 1e3:.1f}"]
         for b in backends:
             v = r.get(f"bf16_{b}_ms")
-            cells.append(f"{v*1e3:.1f} ({r['bf16_dense_ms']/v:.2f}x)" if v else f"dense: {r.get(f'bf16_{b}_note', '')}")
-        cells.append(f"{r['int8_dense_ms']*1e3:.1f}")
+            cells.append(
+                f"{v * 1e3:.1f} ({r['bf16_dense_ms'] / v:.2f}x)" if v else f"dense: {r.get(f'bf16_{b}_note', '')}"
+            )
+        cells.append(f"{r['int8_dense_ms'] * 1e3:.1f}")
         for b in backends:
             v = r.get(f"int8_{b}_ms")
-            cells.append(f"{v*1e3:.1f} ({r['int8_dense_ms']/v:.2f}x)" if v else f"dense: {r.get(f'int8_{b}_note', '')}")
+            cells.append(
+                f"{v * 1e3:.1f} ({r['int8_dense_ms'] / v:.2f}x)" if v else f"dense: {r.get(f'int8_{b}_note', '')}"
+            )
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -301,9 +362,15 @@ def _md_models(rows: list[dict]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], str(r["batch"])]
-        cells += [f"{r[f'{k}_graph_ms']:.3f} ({r[f'{k}_eager_ms']:.3f})" + ("" if r[f"{k}_how"] == "graph" else " eager-only") for k in keys]
-        cells += [f"{r['dense_graph_ms']/r['2:4_graph_ms']:.2f}x", f"{r['int8_graph_ms']/r['int8+2:4_graph_ms']:.2f}x",
-                  f"{r['dense_graph_ms']/r['int8+2:4_graph_ms']:.2f}x"]
+        cells += [
+            f"{r[f'{k}_graph_ms']:.3f} ({r[f'{k}_eager_ms']:.3f})" + ("" if r[f"{k}_how"] == "graph" else " eager-only")
+            for k in keys
+        ]
+        cells += [
+            f"{r['dense_graph_ms'] / r['2:4_graph_ms']:.2f}x",
+            f"{r['int8_graph_ms'] / r['int8+2:4_graph_ms']:.2f}x",
+            f"{r['dense_graph_ms'] / r['int8+2:4_graph_ms']:.2f}x",
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -356,11 +423,18 @@ def main(argv=None) -> None:
         "",
     ]
     if models:
-        text += ["## Whole models (bf16, seq as named; graph replay ms, eager ms in brackets)", "", _md_models(models), ""]
+        text += [
+            "## Whole models (bf16, seq as named; graph replay ms, eager ms in brackets)",
+            "",
+            _md_models(models),
+            "",
+        ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sparse24_gpu.md").write_text("\n".join(text))
-    (out / "sparse24_gpu.json").write_text(json.dumps({"device": info, "ceilings": ceil, "gemm": gemm, "models": models}, indent=1))
+    (out / "sparse24_gpu.json").write_text(
+        json.dumps({"device": info, "ceilings": ceil, "gemm": gemm, "models": models}, indent=1)
+    )
     print("\n".join(text[-12:]))
     print(f"wrote {out / 'sparse24_gpu.md'} in {time.time() - t0:.0f} s")
 

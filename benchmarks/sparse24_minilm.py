@@ -5,6 +5,7 @@ no CPU 2:4 kernel exists, so the sparse model runs dense GEMMs with zeros (see s
 
     python benchmarks/sparse24_minilm.py [--eval 256] [--calib 64] [--out benchmarks/results/sparse24_minilm.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,15 @@ VARIANTS = [
     ("2:4 m4n2_2d (transposable)", dict(pattern="2:4", method="m4n2_2d"), False),
     ("2:4 wanda (one calibration pass)", dict(pattern="2:4", method="wanda"), False),
     ("2:4 wanda (block-sequential calibration)", dict(pattern="2:4", method="wanda", sequential=True), False),
-    ("2:4 wanda, FFN linears only", dict(pattern="2:4", method="wanda",
-                                         select={"include": ["intermediate.dense", "output.dense"],
-                                                 "exclude": ["attention.output.dense"]}), False),
+    (
+        "2:4 wanda, FFN linears only",
+        dict(
+            pattern="2:4",
+            method="wanda",
+            select={"include": ["intermediate.dense", "output.dense"], "exclude": ["attention.output.dense"]},
+        ),
+        False,
+    ),
     ("unstructured 50% magnitude", dict(pattern="unstructured", method="magnitude", sparsity=0.5), False),
     ("unstructured 50% wanda", dict(pattern="unstructured", method="wanda", sparsity=0.5), False),
     ("2:4 wanda + int8 (channel w, token acts)", dict(pattern="2:4", method="wanda"), True),
@@ -63,8 +70,9 @@ def main(argv=None) -> None:
         fid = fidelity(ref, embed(cooked, tok, eval_lines))
         act = cooked.history[-1].activated
         rows.append((name, fid["min_cos"], fid["mean_cos"], act, time.perf_counter() - t0))
-        print(f"{name:45s} min cos {fid['min_cos']:.4f}  mean cos {fid['mean_cos']:.4f}  "
-              f"activated {act:,.0f}", flush=True)
+        print(
+            f"{name:45s} min cos {fid['min_cos']:.4f}  mean cos {fid['mean_cos']:.4f}  activated {act:,.0f}", flush=True
+        )
 
     cmd = "python benchmarks/sparse24_minilm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = [

@@ -11,6 +11,7 @@ Writes benchmarks/results/train_fsdp.md.
 
     python benchmarks/train_fsdp.py [--scale-steps 6 --steps 120 --eval-every 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,11 @@ RECIPE = ROOT / "fxcook" / "recipes" / "int8_24.yaml"
 
 
 def _setup(max_length: int):
-    from fxcook.data import calibration_for
-    from fxcook.training.losses import DistillLoss
+    from fxcook.data import calibration_for, lines_from
     from fxcook.models import load_model
     from fxcook.pipeline import compile
     from fxcook.recipe import load_recipe
-    from fxcook.data import lines_from
+    from fxcook.training.losses import DistillLoss
 
     teacher, tok = load_model("minilm")
     recipe = load_recipe(str(RECIPE))
@@ -50,11 +50,28 @@ def _scale_run(rank: int, world: int, args, tmp: str) -> dict:
     from fxcook.training.loop import train
 
     student, teacher, tok, lines, _, loss = _setup(args.max_length)
-    res = train(student, teacher, lines, loss, tokenizer=tok, steps=args.scale_steps, batch_size=args.batch,
-                lr=args.lr, max_length=args.max_length, progress=False, fsdp=world > 1)
+    res = train(
+        student,
+        teacher,
+        lines,
+        loss,
+        tokenizer=tok,
+        steps=args.scale_steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        max_length=args.max_length,
+        progress=False,
+        fsdp=world > 1,
+    )
     secs = [r["sec"] for r in res.log if "sec" in r]
-    return {"rank": rank, "world": world, "step_s": statistics.median(secs[1:]), "losses": res.losses,
-            "param_bytes": res.param_bytes, "optim_bytes": res.optim_bytes}
+    return {
+        "rank": rank,
+        "world": world,
+        "step_s": statistics.median(secs[1:]),
+        "losses": res.losses,
+        "param_bytes": res.param_bytes,
+        "optim_bytes": res.optim_bytes,
+    }
 
 
 def _worker(rank: int, world: int, args, tmp: str):
@@ -78,8 +95,20 @@ def _recovery(args) -> list[dict]:
         with torch.no_grad():
             return fidelity(ref, embed(model, tok, held_out))
 
-    res = train(student, teacher, lines, loss, tokenizer=tok, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                warmup=args.steps // 10, max_length=args.max_length, callback=evaluate, eval_every=args.eval_every)
+    res = train(
+        student,
+        teacher,
+        lines,
+        loss,
+        tokenizer=tok,
+        steps=args.steps,
+        batch_size=args.batch,
+        lr=args.lr,
+        warmup=args.steps // 10,
+        max_length=args.max_length,
+        callback=evaluate,
+        eval_every=args.eval_every,
+    )
     return [r for r in res.log if "mean_cos" in r]
 
 
@@ -99,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, args, tmp), nprocs=2, join=True)
         ranks = [json.load(open(f"{tmp}/rank{r}.json")) for r in range(2)]
-    mib = 2 ** 20
+    mib = 2**20
     s_mem = single["param_bytes"] + single["optim_bytes"]
     lines = [
         "# Trainer: FSDP2 on 2 CPU ranks vs 1 process; recovery of a 2:4 + int8 MiniLM",
@@ -116,19 +145,31 @@ def main() -> None:
     ]
     for r in ranks:
         mem = r["param_bytes"] + r["optim_bytes"]
-        lines.append(f"| 2 ranks, rank {r['rank']} | 1 | {r['step_s']:.3f} | {r['param_bytes'] / mib:.1f} | "
-                     f"{r['optim_bytes'] / mib:.1f} | {mem / s_mem:.2f}x |")
+        lines.append(
+            f"| 2 ranks, rank {r['rank']} | 1 | {r['step_s']:.3f} | {r['param_bytes'] / mib:.1f} | "
+            f"{r['optim_bytes'] / mib:.1f} | {mem / s_mem:.2f}x |"
+        )
     step_ratio = max(r["step_s"] for r in ranks) / single["step_s"]
     diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ranks[0]["losses"], single["losses"])]
-    lines += ["", f"2-rank step time / 1-process step time: **{step_ratio:.2f}x**; relative loss difference "
-              f"between the runs per step: {', '.join(f'{d:.1e}' for d in diffs)} (step 1 is before any update; "
-              "later steps include fake-quant rounding flips caused by reduction-order differences).", ""]
+    lines += [
+        "",
+        f"2-rank step time / 1-process step time: **{step_ratio:.2f}x**; relative loss difference "
+        f"between the runs per step: {', '.join(f'{d:.1e}' for d in diffs)} (step 1 is before any update; "
+        "later steps include fake-quant rounding flips caused by reduction-order differences).",
+        "",
+    ]
     if not args.skip_recovery:
         curve = _recovery(args)
-        lines += [f"## Recovery ({args.steps} steps, batch {args.batch}, lr {args.lr}, 1 process; 128 held-out lines)",
-                  "", "| step | min cos vs fp32 | mean cos vs fp32 |", "|---|---|---|"]
-        lines += [f"| {r['step']}{' (one-shot)' if r['step'] == 0 else ''} | {r['min_cos']:.4f} | {r['mean_cos']:.4f} |"
-                  for r in curve]
+        lines += [
+            f"## Recovery ({args.steps} steps, batch {args.batch}, lr {args.lr}, 1 process; 128 held-out lines)",
+            "",
+            "| step | min cos vs fp32 | mean cos vs fp32 |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['step']}{' (one-shot)' if r['step'] == 0 else ''} | {r['min_cos']:.4f} | {r['mean_cos']:.4f} |"
+            for r in curve
+        ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,18 +1,39 @@
 """fxcook: model compression as explicit, composable, verifiable FX graph passes."""
+
 import importlib
 
-from fxcook.errors import (CaptureError, FxcookError, NotSupportedYet, PassError, PreconditionError,
-                     RecipeError, SelectorError)
-from fxcook.cooked import CookedModel
-from fxcook.nn import CookedLinear
 from fxcook.artifact import load, save
+from fxcook.cooked import CookedModel
+from fxcook.errors import (
+    CaptureError,
+    FxcookError,
+    NotSupportedYet,
+    PassError,
+    PreconditionError,
+    RecipeError,
+    SelectorError,
+)
+from fxcook.nn import CookedLinear
 from fxcook.pipeline import apply, capture, compile
 from fxcook.select import Select
 
 __all__ = [
-    "CaptureError", "CookedLinear", "CookedModel", "FxcookError", "NotSupportedYet", "PassError",
-    "PreconditionError", "RecipeError", "Select", "SelectorError", "apply", "capture", "compile",
-    "load", "load_recipe", "save",
+    "CaptureError",
+    "CookedLinear",
+    "CookedModel",
+    "FxcookError",
+    "NotSupportedYet",
+    "PassError",
+    "PreconditionError",
+    "RecipeError",
+    "Select",
+    "SelectorError",
+    "apply",
+    "capture",
+    "compile",
+    "load",
+    "load_recipe",
+    "save",
 ]
 
 
@@ -32,8 +53,10 @@ def __getattr__(name):
         return importlib.import_module(f"{__name__}.{name}")
     if name == "train":
         from fxcook.training.loop import train
+
         return train
     if name == "DistillLoss":
         from fxcook.training.losses import DistillLoss
+
         return DistillLoss
     raise AttributeError(f"module 'fxcook' has no attribute {name!r}")

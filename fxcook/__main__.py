@@ -1,4 +1,5 @@
 """`python -m fxcook`: the same command as `fxcook`."""
+
 import sys
 
 from fxcook.cli import main

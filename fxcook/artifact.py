@@ -15,6 +15,7 @@ the weights come from the file), captures it on the saved inputs, re-applies the
 mode (no calibration, mask search or router training: placeholders of the right structure), checks
 the fingerprint and then loads the state strictly. `load(save(m))` computes what `m` computes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -60,6 +61,7 @@ def _version() -> str:
 
 # ------------------------------------------------------------------------------ example inputs
 
+
 def _pack_inputs(inputs: Any) -> tuple[dict, dict[str, torch.Tensor]]:
     """(JSON layout, tensors) of example inputs: tensors go to safetensors, plain values stay in JSON."""
     args, kwargs = split_inputs(inputs)
@@ -71,11 +73,15 @@ def _pack_inputs(inputs: Any) -> tuple[dict, dict[str, torch.Tensor]]:
             return {"tensor": name}
         if value is None or isinstance(value, (bool, int, float, str)):
             return {"value": value}
-        raise ArtifactError(f"example input {name!r} is a {type(value).__name__}: an artifact stores tensors and "
-                            f"plain values only; capture on a batch of tensors")
+        raise ArtifactError(
+            f"example input {name!r} is a {type(value).__name__}: an artifact stores tensors and "
+            f"plain values only; capture on a batch of tensors"
+        )
 
-    layout = {"args": [one(f"args.{i}", v) for i, v in enumerate(args)],
-              "kwargs": {k: one(f"kwargs.{k}", v) for k, v in kwargs.items()}}
+    layout = {
+        "args": [one(f"args.{i}", v) for i, v in enumerate(args)],
+        "kwargs": {k: one(f"kwargs.{k}", v) for k, v in kwargs.items()},
+    }
     return layout, tensors
 
 
@@ -90,6 +96,7 @@ def _unpack_inputs(layout: dict, tensors: dict[str, torch.Tensor]) -> Any:
 
 # ------------------------------------------------------------------------------ passes
 
+
 def _entries(cooked) -> list[dict]:
     """The recipe entries of every pass in `cooked.history`; a pass that left none cannot be saved."""
     entries = list(getattr(cooked, ENTRIES, None) or [])
@@ -97,9 +104,11 @@ def _entries(cooked) -> list[dict]:
     recorded = [e["pass"] for e in entries]
     if recorded != ran:
         first = next(i for i, (a, b) in enumerate(zip([*ran, None], [*recorded, None])) if a != b)
-        raise ArtifactError(f"pass {ran[first] if first < len(ran) else recorded[first]!r} has no recipe entry "
-                            f"matching the history (it does not end with Pass.finish), so an artifact could not "
-                            f"rebuild it; passes run: {ran}")
+        raise ArtifactError(
+            f"pass {ran[first] if first < len(ran) else recorded[first]!r} has no recipe entry "
+            f"matching the history (it does not end with Pass.finish), so an artifact could not "
+            f"rebuild it; passes run: {ran}"
+        )
     return entries
 
 
@@ -115,6 +124,7 @@ def _passes(entries: list[dict], source: str) -> list:
 
 # ------------------------------------------------------------------------------ save
 
+
 @contextmanager
 def _aside(out: Path) -> Iterator[Path]:
     """A fresh directory next to `out`; on success it replaces `out` (an older artifact there is
@@ -122,8 +132,10 @@ def _aside(out: Path) -> Iterator[Path]:
     if out.is_file():
         raise ArtifactError(f"{out} is a file; an artifact is a directory: choose another path")
     if out.is_dir() and any(out.iterdir()) and not (out / manifest.MANIFEST).is_file():
-        raise ArtifactError(f"{out} exists and is not a fxcook artifact (no {manifest.MANIFEST}); it is not "
-                            f"replaced: choose another directory or remove it")
+        raise ArtifactError(
+            f"{out} exists and is not a fxcook artifact (no {manifest.MANIFEST}); it is not "
+            f"replaced: choose another directory or remove it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     old = None
@@ -145,8 +157,13 @@ def _aside(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = None, *,
-         extras: Mapping[str, Callable[[Path], object]] | None = None) -> Path:
+def save(
+    cooked,
+    out_dir: str | os.PathLike,
+    recipe: str | os.PathLike | None = None,
+    *,
+    extras: Mapping[str, Callable[[Path], object]] | None = None,
+) -> Path:
     """Write `cooked` as an artifact directory (see the module docstring); returns its path.
 
     `extras`: file name -> function writing that file (e.g. an ONNX export), run inside the new
@@ -156,16 +173,22 @@ def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = 
     out = Path(out_dir)
     origin = getattr(cooked, "origin", None)
     if not isinstance(origin, Origin):
-        raise ArtifactError("this model was not made by fxcook.capture/compile (it has no origin), so an "
-                            "artifact could not rebuild it")
+        raise ArtifactError(
+            "this model was not made by fxcook.capture/compile (it has no origin), so an artifact could not rebuild it"
+        )
     if recipe is not None and not Path(recipe).is_file():
         raise ArtifactError(f"recipe {recipe} does not exist")
     entries = _entries(cooked)
     _passes(entries, "<saved passes>")  # refuse to write what load could not rebuild
     layout, tensors = _pack_inputs(origin.inputs)
-    description = {"format": FORMAT, "fxcook": _version(), "training": cooked.training,
-                   "model": {"class": origin.cls, "dtype": origin.dtype, "config": CONFIG if origin.config else None},
-                   "inputs": layout, "passes": entries}
+    description = {
+        "format": FORMAT,
+        "fxcook": _version(),
+        "training": cooked.training,
+        "model": {"class": origin.cls, "dtype": origin.dtype, "config": CONFIG if origin.config else None},
+        "inputs": layout,
+        "passes": entries,
+    }
     with _aside(out) as tmp:
         save_quantized(cooked, tmp / WEIGHTS)
         save_file(tensors, str(tmp / INPUTS))
@@ -182,6 +205,7 @@ def save(cooked, out_dir: str | os.PathLike, recipe: str | os.PathLike | None = 
 
 
 # ------------------------------------------------------------------------------ load
+
 
 def is_artifact(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory written by `save` (rather than, say, a HuggingFace model)."""
@@ -200,8 +224,10 @@ def load_tokenizer(directory: str | os.PathLike):
 
     folder = Path(directory) / TOKENIZER
     if not folder.is_dir():
-        raise ArtifactError(f"{directory} holds no {TOKENIZER}/ folder (it was saved without a tokenizer); "
-                            f"save it with extras=tokenizer_extra(tok), as fxcook compress and train do")
+        raise ArtifactError(
+            f"{directory} holds no {TOKENIZER}/ folder (it was saved without a tokenizer); "
+            f"save it with extras=tokenizer_extra(tok), as fxcook compress and train do"
+        )
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -212,8 +238,9 @@ def _description(directory: Path) -> dict:
         raise ArtifactError(f"{directory / DESCRIPTION} cannot be read: {e}") from e
     if not isinstance(desc, dict) or desc.get("format") != FORMAT:
         got = desc.get("format") if isinstance(desc, dict) else desc
-        raise ArtifactError(f"{directory / DESCRIPTION}: artifact format {got!r}; this fxcook ({_version()}) "
-                            f"reads format {FORMAT}")
+        raise ArtifactError(
+            f"{directory / DESCRIPTION}: artifact format {got!r}; this fxcook ({_version()}) reads format {FORMAT}"
+        )
     return desc
 
 
@@ -230,8 +257,10 @@ def _rebuild(directory: Path, desc: dict) -> nn.Module:
     weights), without touching the caller's random number generators."""
     spec = desc["model"]
     if not spec["class"].startswith("transformers.") or not spec.get("config"):
-        raise ArtifactError(f"{directory} was made from {spec['class']}, which is not a transformers model: "
-                            f"pass its base architecture, fxcook.load({str(directory)!r}, model=<a {spec['class']}>)")
+        raise ArtifactError(
+            f"{directory} was made from {spec['class']}, which is not a transformers model: "
+            f"pass its base architecture, fxcook.load({str(directory)!r}, model=<a {spec['class']}>)"
+        )
     cls = _import_class(spec["class"])
     config = cls.config_class.from_dict(json.loads((directory / spec["config"]).read_text()))
     with torch.random.fork_rng(devices=[]):
@@ -253,12 +282,16 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None):
     saved = manifest.verify(directory)
     desc = _description(directory)
     if model is not None and class_path(model) != desc["model"]["class"]:
-        raise ArtifactError(f"{directory} was made from {desc['model']['class']}, the model given is {class_path(model)}")
+        raise ArtifactError(
+            f"{directory} was made from {desc['model']['class']}, the model given is {class_path(model)}"
+        )
     base = _rebuild(directory, desc) if model is None else model
     inputs = _unpack_inputs(desc["inputs"], load_file(str(directory / INPUTS)))
     cooked = apply(capture(base, inputs, inplace=model is None), _passes(desc["passes"], str(directory / DESCRIPTION)))
     if manifest.fingerprint(cooked, _entries(cooked)) != saved.get("fingerprint"):
-        raise manifest.ManifestError(f"{directory}: the rebuilt model does not match the artifact's fingerprint "
-                                     f"(its passes or state shapes differ from the saved ones)")
+        raise manifest.ManifestError(
+            f"{directory}: the rebuilt model does not match the artifact's fingerprint "
+            f"(its passes or state shapes differ from the saved ones)"
+        )
     load_quantized(cooked, directory / WEIGHTS)
     return cooked.train(bool(desc.get("training", False)))

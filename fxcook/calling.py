@@ -9,6 +9,7 @@ for "not given" is found by running the original on the example batch at capture
 example lacks but the forward accepts are captured too when such a constant exists, so a call may
 give them. A call the graph cannot serve is a FxcookError naming the input.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -56,8 +57,9 @@ class Interface:
         try:
             given = dict(self.signature.bind(*args, **kwargs).arguments)
         except TypeError as e:
-            raise FxcookError(f"{self.owner} called with arguments its forward{self.signature} does not take: "
-                              f"{e}") from e
+            raise FxcookError(
+                f"{self.owner} called with arguments its forward{self.signature} does not take: {e}"
+            ) from e
         given.update(given.pop(_var_keyword(self.signature) or "", {}))
         out = {name: given.pop(name) for name in self.inputs if given.get(name) is not None}
         for name in self.inputs:
@@ -123,8 +125,9 @@ def _show(value: Any) -> str:
 
 def _plain(sig: inspect.Signature) -> inspect.Signature:
     """The signature without annotations (HF's `Unpack[...]` annotations do not pickle)."""
-    return sig.replace(parameters=[p.replace(annotation=EMPTY) for p in sig.parameters.values()],
-                       return_annotation=EMPTY)
+    return sig.replace(
+        parameters=[p.replace(annotation=EMPTY) for p in sig.parameters.values()], return_annotation=EMPTY
+    )
 
 
 def _bindable(sig: inspect.Signature) -> bool:
@@ -151,8 +154,9 @@ def _same(a: Any, b: Any) -> bool:
     for x, y in zip(la, lb):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return False
-        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4,
-                                                                                       atol=1e-5)):
+        if isinstance(x, torch.Tensor) and (
+            x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+        ):
             return False
     return True
 
@@ -201,10 +205,15 @@ def _probe(model: nn.Module, p: Plan, extra: dict[str, torch.Tensor]) -> Plan:
     want = _run(model, p.example)
     if extra:
         if not _same(_run(model, {**p.example, **extra}), want):
-            raise CaptureError(f"{name} takes {sorted(extra)} through **kwargs and they change its output; "
-                               "capture records named inputs only: pass them through a named argument")
-        warnings.warn(f"{name}: {sorted(extra)} reach forward through **kwargs and do not change its output; "
-                      "the captured graph leaves them out", stacklevel=4)
+            raise CaptureError(
+                f"{name} takes {sorted(extra)} through **kwargs and they change its output; "
+                "capture records named inputs only: pass them through a named argument"
+            )
+        warnings.warn(
+            f"{name}: {sorted(extra)} reach forward through **kwargs and do not change its output; "
+            "the captured graph leaves them out",
+            stacklevel=4,
+        )
         p.ignored |= set(extra)
     params = p.signature.parameters
     for key in [k for k, v in p.example.items() if isinstance(v, torch.Tensor) and params[k].default is None]:
@@ -238,8 +247,11 @@ def _add_tokenizer_inputs(model: nn.Module, p: Plan, want: Any) -> None:
 def _input_shapes(ep: torch.export.ExportedProgram) -> dict[str, tuple[str, ...]]:
     """Each keyword tensor input's symbolic shape in the exported graph."""
     users = set(ep.graph_signature.user_inputs)
-    return {n.name: tuple(str(d) for d in n.meta["val"].shape) for n in ep.graph.nodes
-            if n.op == "placeholder" and n.name in users and isinstance(n.meta.get("val"), torch.Tensor)}
+    return {
+        n.name: tuple(str(d) for d in n.meta["val"].shape)
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in users and isinstance(n.meta.get("val"), torch.Tensor)
+    }
 
 
 def _fits(p: Plan, shapes: dict[str, tuple[str, ...]], key: str, like: str) -> bool:

@@ -15,6 +15,7 @@ another shape or another recipe is an error naming the keys and leaves the model
 one tensor at a time is read into the model's own parameters, so no second fp32 copy of the
 weights is ever held. Writes go to a temporary file renamed into place (atomic).
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,11 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
 
 
 def _quantized(model) -> dict[str, CookedLinear | CookedEmbedding]:
-    return {p: m for p, m in model.named_modules()
-            if isinstance(m, (CookedLinear, CookedEmbedding)) and m.weight_quant is not None}
+    return {
+        p: m
+        for p, m in model.named_modules()
+        if isinstance(m, (CookedLinear, CookedEmbedding)) and m.weight_quant is not None
+    }
 
 
 def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -105,8 +109,12 @@ def save_quantized(model, path: str | os.PathLike) -> Path:
         else:
             tensors[key] = t.detach().contiguous()
     transposed = [name for name, q in coded.values() if getattr(q, "reduce_dim", 2) == 1]
-    metadata = {"fxcook": "quantized", "quantized": ",".join(name for name, _ in coded.values()),
-                "transposed": ",".join(transposed), "tied": ",".join(f"{a}={k}" for a, k in aliases.items())}
+    metadata = {
+        "fxcook": "quantized",
+        "quantized": ",".join(name for name, _ in coded.values()),
+        "transposed": ",".join(transposed),
+        "tied": ",".join(f"{a}={k}" for a, k in aliases.items()),
+    }
     return write_atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -158,8 +166,9 @@ def _plan_codes(plan: _Plan, f, key: str, keys: set[str], state, coded, transpos
     if tuple(shape) != tuple(state[target].shape):
         plan.problems.append(f"{key} is {tuple(shape)}, the model's {target} is {tuple(state[target].shape)}")
         return
-    _cover(plan, target, key, lambda: _dequantize(f.get_tensor(key), f.get_tensor(f"{owner}.{SCALE}"),
-                                                  owner in transposed))
+    _cover(
+        plan, target, key, lambda: _dequantize(f.get_tensor(key), f.get_tensor(f"{owner}.{SCALE}"), owner in transposed)
+    )
 
 
 def _plan_tensor(plan: _Plan, f, key: str, state, aliases: dict[str, str], coded) -> None:
@@ -198,8 +207,10 @@ def _plan(model, f) -> _Plan:
             _plan_tensor(plan, f, key, state, aliases, coded)
     missing = [k for k in state if k not in aliases and k not in plan.covered]
     if missing:
-        plan.problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:SHOWN])}"
-                             + (f" ... {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""))
+        plan.problems.append(
+            f"{len(missing)} missing key(s): {', '.join(missing[:SHOWN])}"
+            + (f" ... {len(missing) - SHOWN} more" if len(missing) > SHOWN else "")
+        )
     return plan
 
 

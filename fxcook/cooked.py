@@ -4,6 +4,7 @@ It *is* the unflattened module (its class is extended in place at capture), so i
 and state_dict keys are the original model's, FSDP2 can shard its blocks, and it is called like the
 original model and returns the same output type.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,12 @@ class Origin:
         hf = type(model).__module__.startswith("transformers.") and hasattr(config, "to_dict")
         floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
         inputs = pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, example_inputs)
-        return cls(class_path(model), config.to_dict() if hf else None,
-                   str(floats[0] if floats else torch.float32).removeprefix("torch."), inputs)
+        return cls(
+            class_path(model),
+            config.to_dict() if hf else None,
+            str(floats[0] if floats else torch.float32).removeprefix("torch."),
+            inputs,
+        )
 
 
 @dataclass
@@ -82,8 +87,9 @@ class CookedModel(UnflattenedModule):
     mask_schedules: list[MaskSchedule]  # in the order the passes added them (checkpoints rely on it)
 
     @classmethod
-    def adopt(cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str],
-              interface: Interface | None = None) -> CookedModel:
+    def adopt(
+        cls, root: UnflattenedModule, sites: SiteIndex, module_types: dict[str, str], interface: Interface | None = None
+    ) -> CookedModel:
         root.__class__ = cls
         root.sites = sites
         root.history = []

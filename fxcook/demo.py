@@ -5,6 +5,7 @@ the cosine between each compressed sentence embedding and the fp32 one over held
 lines; calibration and distillation use other lines. Stages with `distill_steps` are then trained
 briefly against the fp32 teacher (hidden-state MSE + cosine) and scored again.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -25,9 +26,9 @@ RECIPES = Path(__file__).resolve().parent / "recipes"  # package data: also ther
 @dataclass(frozen=True)
 class Stage:
     label: str
-    recipe: str | None          # file in fxcook/recipes, None = capture only
+    recipe: str | None  # file in fxcook/recipes, None = capture only
     distill_steps: int = 0
-    onnx: bool = False          # also export to ONNX and run it in ONNX Runtime
+    onnx: bool = False  # also export to ONNX and run it in ONNX Runtime
 
 
 STAGES = (
@@ -83,7 +84,7 @@ def run(samples: int = 256, distill: bool = True, onnx: bool = True, console: Co
     console = console or Console(width=150)
     model, tok = load_model("minilm")
     lines = shakespeare_lines(seed=1)  # recipes calibrate on seed-0 lines; these are others
-    held_out, train_lines = lines[:samples], lines[samples:samples + 4000]
+    held_out, train_lines = lines[:samples], lines[samples : samples + 4000]
     ref = embed(model, tok, held_out)
     eager_batch = dict(tok(held_out[:8], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     with torch.no_grad():
@@ -92,15 +93,32 @@ def run(samples: int = 256, distill: bool = True, onnx: bool = True, console: Co
     for stage in STAGES:
         recipe = _recipe(stage)
         t0 = time.perf_counter()
-        cooked = compile(model, recipe.build(calibration=calibration_for(recipe, tok)) if recipe.passes else [],
-                         example_inputs=dict(tok(held_out[:2], padding=True, return_tensors="pt")))
-        row = {"stage": stage.label, "compile_s": time.perf_counter() - t0, **fidelity(ref, embed(cooked, tok, held_out))}
+        cooked = compile(
+            model,
+            recipe.build(calibration=calibration_for(recipe, tok)) if recipe.passes else [],
+            example_inputs=dict(tok(held_out[:2], padding=True, return_tensors="pt")),
+        )
+        row = {
+            "stage": stage.label,
+            "compile_s": time.perf_counter() - t0,
+            **fidelity(ref, embed(cooked, tok, held_out)),
+        }
         row["activated"], row["ratio"] = activated_size(cooked), block_weights(cooked) / activated_size(cooked)
         console.rule(f"[bold]{stage.label}")
         console.print(cooked.report())
         if distill and stage.distill_steps:
-            train(cooked, teacher=model, data=train_lines, tokenizer=tok, steps=stage.distill_steps, batch_size=16,
-                  lr=2e-4, max_length=64, loss=DistillLoss(hidden_mse=1.0, hidden_cos=1.0), progress=True)
+            train(
+                cooked,
+                teacher=model,
+                data=train_lines,
+                tokenizer=tok,
+                steps=stage.distill_steps,
+                batch_size=16,
+                lr=2e-4,
+                max_length=64,
+                loss=DistillLoss(hidden_mse=1.0, hidden_cos=1.0),
+                progress=True,
+            )
             cooked.eval()
             after = fidelity(ref, embed(cooked, tok, held_out))
             row.update(distilled=stage.distill_steps, min_after=after["min_cos"], mean_after=after["mean_cos"])
@@ -112,16 +130,37 @@ def run(samples: int = 256, distill: bool = True, onnx: bool = True, console: Co
 
 
 def _table(rows: list[dict], n: int, eager_ms: float) -> Table:
-    table = Table(title=f"fxcook demo: all-MiniLM-L6-v2, fidelity vs fp32 on {n} held-out Shakespeare lines; "
-                        f"ORT speed-up vs torch fp32 eager ({eager_ms:.0f} ms) at batch 8 x 128, 2 threads")
-    for col in ("stage", "activated size", "smaller", "min cos", "mean cos", "distilled", "min cos after",
-                "mean cos after", "ORT min cos", "ORT speed-up", "compile s"):
+    table = Table(
+        title=f"fxcook demo: all-MiniLM-L6-v2, fidelity vs fp32 on {n} held-out Shakespeare lines; "
+        f"ORT speed-up vs torch fp32 eager ({eager_ms:.0f} ms) at batch 8 x 128, 2 threads"
+    )
+    for col in (
+        "stage",
+        "activated size",
+        "smaller",
+        "min cos",
+        "mean cos",
+        "distilled",
+        "min cos after",
+        "mean cos after",
+        "ORT min cos",
+        "ORT speed-up",
+        "compile s",
+    ):
         table.add_column(col, justify="left" if col == "stage" else "right")
     for r in rows:
         d = "distilled" in r
-        table.add_row(r["stage"], f"{r['activated'] / 1e6:.2f}M", f"{r['ratio']:.1f}x", f"{r['min_cos']:.4f}",
-                      f"{r['mean_cos']:.4f}", f"{r['distilled']} steps" if d else "-",
-                      f"{r['min_after']:.4f}" if d else "-", f"{r['mean_after']:.4f}" if d else "-",
-                      f"{r['ort_min_cos']:.4f}" if "ort_ms" in r else "-",
-                      f"{eager_ms / r['ort_ms']:.2f}x" if "ort_ms" in r else "-", f"{r['compile_s']:.1f}")
+        table.add_row(
+            r["stage"],
+            f"{r['activated'] / 1e6:.2f}M",
+            f"{r['ratio']:.1f}x",
+            f"{r['min_cos']:.4f}",
+            f"{r['mean_cos']:.4f}",
+            f"{r['distilled']} steps" if d else "-",
+            f"{r['min_after']:.4f}" if d else "-",
+            f"{r['mean_after']:.4f}" if d else "-",
+            f"{r['ort_min_cos']:.4f}" if "ort_ms" in r else "-",
+            f"{eager_ms / r['ort_ms']:.2f}x" if "ort_ms" in r else "-",
+            f"{r['compile_s']:.1f}",
+        )
     return table

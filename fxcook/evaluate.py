@@ -1,4 +1,5 @@
 """Sentence-embedding fidelity: how close a compressed encoder stays to the fp32 original."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,12 +17,15 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(model: Callable, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+def embed(
+    model: Callable, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128
+) -> torch.Tensor:
     """Sentence embeddings of `sentences` from any callable returning token states."""
     outs = []
     for i in range(0, len(sentences), batch_size):
-        enc = tokenizer(sentences[i:i + batch_size], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         outs.append(mean_pool(main_output(model(**dict(enc))), enc["attention_mask"]))
     return torch.cat(outs)
 

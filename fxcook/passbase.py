@@ -11,6 +11,7 @@ no calibration data) and the data-derived structure it chose (`record()`) on the
 then builds the same structure with placeholder values (no calibration, mask search or router
 training), and the saved state fills them in.
 """
+
 from __future__ import annotations
 
 import abc
@@ -60,7 +61,8 @@ class Pass(abc.ABC):
         if args:
             raise PassOptionError(
                 f"{type(self).__name__}: pass options are keyword-only, got positional {args!r}; name them, "
-                f"e.g. {type(self).__name__}({_first_field(self.Config)}={args[0]!r})")
+                f"e.g. {type(self).__name__}({_first_field(self.Config)}={args[0]!r})"
+            )
         self.config = self.Config(**kwargs)
 
     def requires(self, cooked) -> None:

@@ -3,6 +3,7 @@
 A bad `--out` (an existing file, an unwritable place, the input model's own directory) is an error
 naming it at once, not a traceback after minutes of compile or an overwritten original model.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -43,8 +44,10 @@ def check_out_dir(path: Path, what: str = "--out", source: Path | None = None) -
     if source is not None:
         out, src = path.resolve(), Path(source).resolve()
         if out == src or src in out.parents:
-            raise FxcookError(f"{what} {path} is inside the input model directory {source}: writing there "
-                              f"would overwrite the original model; choose a directory outside it")
+            raise FxcookError(
+                f"{what} {path} is inside the input model directory {source}: writing there "
+                f"would overwrite the original model; choose a directory outside it"
+            )
     _writable(path, what)
     return path
 

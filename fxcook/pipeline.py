@@ -1,4 +1,5 @@
 """`compile`: capture, then run passes in order with ordering checks, lint and a change log."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,11 +55,13 @@ def pipeline(passes: Iterable[Pass]) -> list[Pass]:
 def check_order(passes: Sequence[Pass]) -> None:
     """Each pass's `after` names must not appear later in the list (ordering within one pipeline)."""
     for i, p in enumerate(passes):
-        later = [q.name for q in passes[i + 1:]]
+        later = [q.name for q in passes[i + 1 :]]
         for name in p.after:
             if name in later:
-                raise PassError(f"pass {p.name!r} must run after {name!r}, but {name!r} comes later "
-                                f"in the pipeline {[q.name for q in passes]}")
+                raise PassError(
+                    f"pass {p.name!r} must run after {name!r}, but {name!r} comes later "
+                    f"in the pipeline {[q.name for q in passes]}"
+                )
 
 
 def apply(cooked: CookedModel, passes: Iterable[Pass]) -> CookedModel:
@@ -75,15 +78,18 @@ def apply(cooked: CookedModel, passes: Iterable[Pass]) -> CookedModel:
             cooked.recompile()
             p.ensures(cooked)
         except Exception as exc:
-            raise PassError(f"pass {p!r} failed ({type(exc).__name__}: {exc}); "
-                            f"passes already run: {ran or 'none'}") from exc
-        cooked.history.append(PassRecord(p.name, repr(p), list(result.changes),
-                                         parameter_count(cooked), activated_size(cooked)))
+            raise PassError(
+                f"pass {p!r} failed ({type(exc).__name__}: {exc}); passes already run: {ran or 'none'}"
+            ) from exc
+        cooked.history.append(
+            PassRecord(p.name, repr(p), list(result.changes), parameter_count(cooked), activated_size(cooked))
+        )
     return cooked
 
 
-def compile(model: nn.Module, passes: Iterable[Pass] = (), example_inputs: Any = None,
-            inplace: bool = False) -> CookedModel:
+def compile(
+    model: nn.Module, passes: Iterable[Pass] = (), example_inputs: Any = None, inplace: bool = False
+) -> CookedModel:
     """Capture `model` and apply `passes` (a list, or any iterable of passes); returns a CookedModel called
     like the original."""
     if example_inputs is None:

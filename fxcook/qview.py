@@ -6,6 +6,7 @@ The quantizers are duck-typed (core never imports a technique): a weight quantiz
 scheme in `kind` ("token", "tensor" static or "dynamic" per tensor), with `bits`, an optional
 `smooth` divisor, and, when static, `scale` and `calibrated`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,8 +56,9 @@ def _act(iq: nn.Module | None) -> tuple[str | None, torch.Tensor | None]:
     if kind != "tensor":
         return kind, None
     if not iq.calibrated:
-        raise FxcookError("a static activation quantizer was never calibrated "
-                          "(run fxcook.passes.quantize.quantizers.calibrate first)")
+        raise FxcookError(
+            "a static activation quantizer was never calibrated (run fxcook.passes.quantize.quantizers.calibrate first)"
+        )
     return kind, iq.scale.detach().abs().float().reshape(()).clone()
 
 
@@ -73,6 +75,15 @@ def quant_view(module: nn.Module, acts: bool = True) -> QuantView:
     act, act_scale = _act(iq) if acts else (None, None)
     bias = getattr(module, "bias", None)
     smooth = getattr(iq, "smooth", None)
-    return QuantView(masked, codes, scale.contiguous(), wq.group_size, int(wq.bits),
-                     None if bias is None else bias.detach().float().clone(), act, int(getattr(iq, "bits", 8)),
-                     act_scale, None if smooth is None or not acts else 1.0 / smooth.detach().float())
+    return QuantView(
+        masked,
+        codes,
+        scale.contiguous(),
+        wq.group_size,
+        int(wq.bits),
+        None if bias is None else bias.detach().float().clone(),
+        act,
+        int(getattr(iq, "bits", 8)),
+        act_scale,
+        None if smooth is None or not acts else 1.0 / smooth.detach().float(),
+    )

@@ -10,6 +10,7 @@ Errors name the key at fault (`passes[1].quantize.method: ...`). `from_bmcook` i
 config (its README's keys; a key or value fxcook does not map is a RecipeError naming it); a technique
 fxcook maps but has not built yet raises NotSupportedYet, never a silent skip.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fxcook.errors import NotSupportedYet, RecipeError
 from fxcook.passbase import DataPass, Pass
-
 
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # package data: there in an installed wheel too
 
@@ -51,10 +51,14 @@ class Recipe(BaseModel):
         out = []
         for i, item in enumerate(self.passes):
             if len(item) != 1:
-                raise RecipeError(f"{self.source}: passes[{i}] must have exactly one key (the pass name), got {sorted(item)}")
-            (name, cfg), = item.items()
+                raise RecipeError(
+                    f"{self.source}: passes[{i}] must have exactly one key (the pass name), got {sorted(item)}"
+                )
+            ((name, cfg),) = item.items()
             if name not in REGISTRY:
-                raise RecipeError(f"{self.source}: passes[{i}]: unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}")
+                raise RecipeError(
+                    f"{self.source}: passes[{i}]: unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}"
+                )
             cls = REGISTRY[name]
             kwargs = dict(cfg or {})
             if issubclass(cls, DataPass):
@@ -202,18 +206,25 @@ def _bmcook_select(modules: list[str], kind: str = "linear") -> dict:
 def _bmcook_moefication(section: BMCookMoEfication, source: str) -> dict:
     missing = [k for k in ("experts", "top_k") if getattr(section, k) is None]
     if missing:
-        raise RecipeError(f"{source}: BMCook key 'MoEfication' needs {' and '.join(missing)} for fxcook (BMCook "
-                          "takes the expert count and top-k on its command line); add them to the section")
+        raise RecipeError(
+            f"{source}: BMCook key 'MoEfication' needs {' and '.join(missing)} for fxcook (BMCook "
+            "takes the expert count and top-k on its command line); add them to the section"
+        )
     return {"experts": section.experts, "top_k": section.top_k, **_bmcook_select(section.first_FFN_module, "ffn")}
 
 
 def _bmcook_pruning(section: BMCookPruning, source: str) -> dict:
     if section.mask_method not in BMCOOK_MASK_METHODS:
-        raise RecipeError(f"{source}: BMCook key 'pruning.mask_method' = {section.mask_method!r} is not mapped by "
-                          f"fxcook; use one of {', '.join(BMCOOK_MASK_METHODS)}")
+        raise RecipeError(
+            f"{source}: BMCook key 'pruning.mask_method' = {section.mask_method!r} is not mapped by "
+            f"fxcook; use one of {', '.join(BMCOOK_MASK_METHODS)}"
+        )
     if section.pruning_mask_path:
-        warnings.warn(f"{source}: BMCook key 'pruning.pruning_mask_path' = {section.pruning_mask_path!r} is neither "
-                      "read nor written: fxcook computes the masks and keeps them in the saved model", stacklevel=3)
+        warnings.warn(
+            f"{source}: BMCook key 'pruning.pruning_mask_path' = {section.pruning_mask_path!r} is neither "
+            "read nor written: fxcook computes the masks and keeps them in the saved model",
+            stacklevel=3,
+        )
     return {"pattern": "2:4", "method": section.mask_method, **_bmcook_select(section.pruned_module)}
 
 
@@ -224,19 +235,21 @@ def _bmcook_distillation(section: BMCookDistillation, source: str) -> tuple[list
     unmapped = {"mse_hidn_proj": section.mse_hidn_proj, "mse_att_scale": section.mse_att_scale}
     for key, value in unmapped.items():
         if value:
-            raise RecipeError(f"{source}: BMCook key 'distillation.{key}' = {json.dumps(value)} is not mapped by "
-                              f"fxcook; set it to {json.dumps(type(value)())} (fxcook distils logits and tapped "
-                              "hidden states)")
+            raise RecipeError(
+                f"{source}: BMCook key 'distillation.{key}' = {json.dumps(value)} is not mapped by "
+                f"fxcook; set it to {json.dumps(type(value)())} (fxcook distils logits and tapped "
+                "hidden states)"
+            )
     tap = [{"tap": {"taps": section.mse_hidn_module}}] if section.mse_hidn_module else []
-    return tap, {"loss": {"kl": section.ce_scale, "hidden_mse": section.mse_hidn_scale,
-                          "temperature": section.ce_temp}}
+    return tap, {"loss": {"kl": section.ce_scale, "hidden_mse": section.mse_hidn_scale, "temperature": section.ce_temp}}
 
 
 def _require_passes(passes: list[dict], source: str) -> None:
     from fxcook.passes import REGISTRY
 
     for item in passes:
-        (name, _), = item.items()
+        ((name, _),) = item.items()
         if name not in REGISTRY:
-            raise NotSupportedYet(f"{source}: the BMCook config maps to fxcook pass {name!r}, which is not "
-                                  "supported yet")
+            raise NotSupportedYet(
+                f"{source}: the BMCook config maps to fxcook pass {name!r}, which is not supported yet"
+            )

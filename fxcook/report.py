@@ -4,6 +4,7 @@
 transformer blocks (attention and FFN projections, embeddings excluded), each scaled by bits/32,
 its density and, for routed experts, the active-expert fraction.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -40,11 +41,16 @@ def layer_rows(cooked) -> list[dict]:
     for path, mod in _counted(cooked, cooked.sites.blocks):
         stored = mod.stored_params()
         act = mod.activated_params()
-        rows.append({
-            "path": path, "type": type(mod).__name__, "params": stored,
-            "bits": getattr(mod, "bits", 32), "density": getattr(mod, "density", 1.0),
-            "activated": act,
-        })
+        rows.append(
+            {
+                "path": path,
+                "type": type(mod).__name__,
+                "params": stored,
+                "bits": getattr(mod, "bits", 32),
+                "density": getattr(mod, "density", 1.0),
+                "activated": act,
+            }
+        )
     return rows
 
 
@@ -54,24 +60,32 @@ def _fmt(n: float) -> str:
 
 def render(cooked, per_layer: bool = False) -> str:
     base = block_weights(cooked)
-    lines = [f"model: {parameter_count(cooked):,} parameters; block weights {base:,} "
-             f"({len(cooked.sites.blocks)} blocks, {len(cooked.sites.find('linear'))} linear sites)"]
+    lines = [
+        f"model: {parameter_count(cooked):,} parameters; block weights {base:,} "
+        f"({len(cooked.sites.blocks)} blocks, {len(cooked.sites.find('linear'))} linear sites)"
+    ]
     if not cooked.history:
         lines.append("passes: none")
     for i, rec in enumerate(cooked.history, 1):
         ratio = rec.activated / base if base else 0.0
-        lines.append(f"{i}. {rec.spec}: {len(rec.changes)} changes; params {rec.params:,}; "
-                     f"activated size {_fmt(rec.activated)} ({ratio:.3f} of fp32 dense)")
+        lines.append(
+            f"{i}. {rec.spec}: {len(rec.changes)} changes; params {rec.params:,}; "
+            f"activated size {_fmt(rec.activated)} ({ratio:.3f} of fp32 dense)"
+        )
         for ch in rec.changes[:4]:
             lines.append(f"     {ch}")
         if len(rec.changes) > 4:
             lines.append(f"     ... {len(rec.changes) - 4} more")
     act = activated_size(cooked)
-    lines.append(f"activated model size: {_fmt(act)} of {_fmt(base)} "
-                 f"({act / base if base else 0:.3f}; {base / act if act else float('inf'):.1f}x smaller)")
+    lines.append(
+        f"activated model size: {_fmt(act)} of {_fmt(base)} "
+        f"({act / base if base else 0:.3f}; {base / act if act else float('inf'):.1f}x smaller)"
+    )
     if per_layer:
         lines.append(f"{'layer':58} {'type':16} {'params':>9} {'bits':>4} {'density':>7} {'activated':>10}")
         for r in layer_rows(cooked):
-            lines.append(f"{r['path']:58} {r['type']:16} {r['params']:>9,} {r['bits']:>4} "
-                         f"{r['density']:>7.3f} {r['activated']:>10,.0f}")
+            lines.append(
+                f"{r['path']:58} {r['type']:16} {r['params']:>9,} {r['bits']:>4} "
+                f"{r['density']:>7.3f} {r['activated']:>10,.0f}"
+            )
     return "\n".join(lines)

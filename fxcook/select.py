@@ -6,6 +6,7 @@ Every pattern must match some site of the model (of any kind, in or out of scope
 exclude would otherwise rewrite what the user meant to keep. A selector or pattern that matches
 nothing is an error that lists the most similar paths, never a silent no-op.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -6,6 +6,7 @@ operand), `ffn` (linear -> activation -> linear, incl. gated variants, found by 
 works across module boundaries such as BERT's `intermediate`/`output`) and `block` (the repeated
 children of a ModuleList that hold linears: the transformer blocks).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -18,13 +19,25 @@ from fxcook.nn import CookedLinear
 
 aten = torch.ops.aten
 ACT_OPS = {
-    aten.gelu.default: "gelu", aten.relu.default: "relu", aten.silu.default: "silu",
-    aten.tanh.default: "tanh", aten.sigmoid.default: "sigmoid", aten.erf.default: "gelu",
-    aten.relu_.default: "relu", aten.silu_.default: "silu", aten.gelu_.default: "gelu",
+    aten.gelu.default: "gelu",
+    aten.relu.default: "relu",
+    aten.silu.default: "silu",
+    aten.tanh.default: "tanh",
+    aten.sigmoid.default: "sigmoid",
+    aten.erf.default: "gelu",
+    aten.relu_.default: "relu",
+    aten.silu_.default: "silu",
+    aten.gelu_.default: "gelu",
 }
 STOP_OPS = {
-    aten.matmul.default, aten.bmm.default, aten.mm.default, aten._softmax.default, aten.softmax.int,
-    aten.scaled_dot_product_attention.default, aten.embedding.default, aten.layer_norm.default,
+    aten.matmul.default,
+    aten.bmm.default,
+    aten.mm.default,
+    aten._softmax.default,
+    aten.softmax.int,
+    aten.scaled_dot_product_attention.default,
+    aten.embedding.default,
+    aten.layer_norm.default,
 }
 GELU_TANH_COEF = 0.044715  # the cubic term of tanh-GELU: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
 ATTENTION_OPS = {aten.matmul.default, aten.bmm.default, aten.scaled_dot_product_attention.default}
@@ -155,8 +168,13 @@ class _FlatGraph:
             up, gate = plain[0], gated[0]
         else:
             return None
-        return {"up": self.linears[up], "gate": self.linears[gate] if gate is not None else None,
-                "act_node": act, "act_op": act_op, "down": self.linears[down]}
+        return {
+            "up": self.linears[up],
+            "gate": self.linears[gate] if gate is not None else None,
+            "act_node": act,
+            "act_op": act_op,
+            "down": self.linears[down],
+        }
 
 
 def build_sites(ep: torch.export.ExportedProgram, root: nn.Module, model: nn.Module) -> SiteIndex:

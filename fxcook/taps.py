@@ -12,6 +12,7 @@ explicit collector, never by global state:
 `collect_taps` also works on any eager module (e.g. an HF teacher) through scoped forward hooks
 removed on exit. Training and losses use these; inserting TapPoints is the Tap pass (`fxcook.passes.tap`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,16 @@ from torch import nn
 
 from fxcook.errors import SelectorError
 
-__all__ = ["TapPoint", "TapSpec", "collect_taps", "parse_spec", "resolve", "run_with_taps", "tap_points",
-           "teacher_pairs"]
+__all__ = [
+    "TapPoint",
+    "TapSpec",
+    "collect_taps",
+    "parse_spec",
+    "resolve",
+    "run_with_taps",
+    "tap_points",
+    "teacher_pairs",
+]
 
 _SPEC = re.compile(r"^\s*(?:\[(pre|post)\])?\s*([^\[\]:\s]+)\s*$")
 
@@ -81,9 +90,9 @@ class TapPoint(nn.Module):
 
     def __init__(self, tap: str, pair: str | None = None, rank: int = 0):
         super().__init__()
-        self.tap = tap      # canonical spec, e.g. "[post]encoder.layer.3"
-        self.pair = pair    # teacher spec (may be a glob) this tap is distilled against, or None
-        self.rank = rank    # position among the taps its spec expanded to (pairs globs in order)
+        self.tap = tap  # canonical spec, e.g. "[post]encoder.layer.3"
+        self.pair = pair  # teacher spec (may be a glob) this tap is distilled against, or None
+        self.rank = rank  # position among the taps its spec expanded to (pairs globs in order)
         self._sink: dict | None = None
 
     def forward(self, x):
@@ -113,8 +122,10 @@ def teacher_pairs(student: nn.Module, teacher_paths: Sequence[str]) -> list[tupl
         spec, _ = parse_spec(tp.pair)
         hits = resolve(spec.path, teacher_paths, "teacher module")
         if tp.rank >= len(hits):
-            raise SelectorError(f"tap {tp.tap}: teacher pattern {tp.pair!r} matches {len(hits)} modules, "
-                                f"fewer than the student taps it must pair with")
+            raise SelectorError(
+                f"tap {tp.tap}: teacher pattern {tp.pair!r} matches {len(hits)} modules, "
+                f"fewer than the student taps it must pair with"
+            )
         out.append((tp.tap, str(TapSpec(spec.where, hits[tp.rank]))))
     return out
 
@@ -137,7 +148,9 @@ def collect_taps(model: nn.Module, specs: Sequence[str] = ()) -> Iterator[dict[s
         for path in resolve(spec.path, [p for p in modules if p], "module"):
             if str(TapSpec(spec.where, path)) in have:
                 continue
-            handles.append(modules[path].register_forward_hook(_hook(sink, TapSpec(spec.where, path)), with_kwargs=True))
+            handles.append(
+                modules[path].register_forward_hook(_hook(sink, TapSpec(spec.where, path)), with_kwargs=True)
+            )
     for p in points:
         if p._sink is not None:
             raise RuntimeError(f"tap {p.tap} is already being collected (nested collect_taps on one model)")
@@ -173,6 +186,7 @@ def _hook(sink: dict, spec: TapSpec):
         else:
             same = [a for a in ins if outs and a.shape == outs[0].shape]
             sink[key] = (same or [a for a in ins if a.is_floating_point()] or ins or [None])[0]
+
     return hook
 
 

@@ -1,4 +1,5 @@
 """Tiny random models and inputs of every supported HF family, for tests and examples with no download."""
+
 from __future__ import annotations
 
 import os
@@ -16,23 +17,38 @@ def tiny_config(family: str, **overrides):
     """A small random-init config of an HF family (hidden 32-64, 2 layers)."""
     import transformers as tf
 
-    base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=64)
+    base = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     if family == "bert":
         cfg = tf.BertConfig(**base)
     elif family == "gpt2":
         cfg = tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     elif family == "t5":
-        cfg = tf.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                          decoder_start_token_id=0)
+        cfg = tf.T5Config(
+            vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+        )
     elif family == "llama":
         cfg = tf.LlamaConfig(**base, num_key_value_heads=2, use_cache=False)
     elif family == "mixtral":
-        cfg = tf.MixtralConfig(**base, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                               use_cache=False)
+        cfg = tf.MixtralConfig(
+            **base, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, use_cache=False
+        )
     elif family == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**base, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                moe_intermediate_size=32, shared_expert_intermediate_size=64, use_cache=False)
+        cfg = tf.Qwen2MoeConfig(
+            **base,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            use_cache=False,
+        )
     else:
         raise FxcookError(f"unknown family {family!r}; families are {', '.join(FAMILIES)}")
     for k, v in overrides.items():
@@ -45,9 +61,14 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     import transformers as tf
 
     cfg = tiny_config(family, **overrides)
-    cls = {"bert": tf.BertModel, "gpt2": tf.GPT2LMHeadModel, "t5": tf.T5ForConditionalGeneration,
-           "llama": tf.LlamaForCausalLM, "mixtral": tf.MixtralForCausalLM,
-           "qwen2_moe": tf.Qwen2MoeForCausalLM}[family]
+    cls = {
+        "bert": tf.BertModel,
+        "gpt2": tf.GPT2LMHeadModel,
+        "t5": tf.T5ForConditionalGeneration,
+        "llama": tf.LlamaForCausalLM,
+        "mixtral": tf.MixtralForCausalLM,
+        "qwen2_moe": tf.Qwen2MoeForCausalLM,
+    }[family]
     torch.manual_seed(seed)
     return cls(cfg).eval()
 
@@ -58,7 +79,7 @@ def tiny_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 0, pad: i
     ids = torch.randint(1, 128, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad:
-        mask[0, seq - pad:] = 0
+        mask[0, seq - pad :] = 0
     out = {"input_ids": ids, "attention_mask": mask}
     if family == "t5":
         out["decoder_input_ids"] = torch.randint(1, 128, (batch, seq), generator=g)

@@ -5,6 +5,7 @@ graph is then unflattened so every module, transformer blocks included, stays a 
 with its own graph. That keeps FSDP2's per-block sharding hooks working and lets passes address
 blocks by path. Linear leaves become `CookedLinear`, the single site type passes rewrite.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,14 @@ def run_batches(model: Any, batches: Iterable, desc: str, limit: int | None = No
 
 
 @torch.no_grad()
-def record_inputs(model: Any, modules: Mapping[str, nn.Module], record: Callable[[str, torch.Tensor], None],
-                  batches: Iterable, desc: str, limit: int | None = None) -> None:
+def record_inputs(
+    model: Any,
+    modules: Mapping[str, nn.Module],
+    record: Callable[[str, torch.Tensor], None],
+    batches: Iterable,
+    desc: str,
+    limit: int | None = None,
+) -> None:
     """Run calibration `batches` through `model`, calling `record(key, x)` with the (detached) first
     input of every call of `modules[key]`: the one calibration recorder of the passes.
 
@@ -96,6 +103,7 @@ def record_inputs(model: Any, modules: Mapping[str, nn.Module], record: Callable
         def hook(_mod, args):
             reached.add(key)
             record(key, args[0].detach())
+
         return hook
 
     hooks = [mod.register_forward_pre_hook(hook_for(key)) for key, mod in modules.items()]
@@ -200,8 +208,9 @@ def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch
             bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
         except TypeError as e:
             raise CaptureError(f"example_inputs do not fit {type(model).__name__}.forward: {e}") from e
-        shapes = {k: pytree.tree_map(dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor))
-                  for k, v in bound.items()}
+        shapes = {
+            k: pytree.tree_map(dynamic_spec, v, is_leaf=lambda t: isinstance(t, torch.Tensor)) for k, v in bound.items()
+        }
     with capture_mode(model):
         try:
             return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
@@ -276,7 +285,8 @@ def _own(p: torch.Tensor | None, memo: dict[int, torch.Tensor], inplace: bool = 
     if id(p) not in memo:
         memo[id(p)] = (
             nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-            if isinstance(p, nn.Parameter) else p.detach().clone()
+            if isinstance(p, nn.Parameter)
+            else p.detach().clone()
         )
     return memo[id(p)]
 
@@ -296,7 +306,9 @@ def _hollow(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
             real[name] = t
             if id(t) not in metas:
                 meta = torch.empty_like(t, device="meta")
-                metas[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                metas[id(t)] = (
+                    nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+                )
             table[name] = metas[id(t)]
     return real
 

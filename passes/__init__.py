@@ -2,14 +2,14 @@
 
 A new pass is added here by name, so the recipe keys and the CLI are listed in one place.
 """
+
 from __future__ import annotations
 
+from fxcook.passbase import Pass
 from fxcook.passes.moefy import Moefy, Relufy
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify
 from fxcook.passes.tap import Tap
-
-from fxcook.passbase import Pass
 
 REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Quantize, Sparsify, Relufy, Moefy, Tap)}
 

@@ -17,6 +17,7 @@ segment, `**` any number; `student:teacher` pairs record the teacher tap each st
 distilled against (globs on both sides pair up in order). `collect_taps` also works on any eager
 module (e.g. an HF teacher) through scoped forward hooks removed on exit.
 """
+
 from __future__ import annotations
 
 import operator
@@ -35,8 +36,9 @@ __all__ = ["Tap"]
 
 def _called(model: nn.Module) -> dict[str, list[CallSite]]:
     """Module path -> the CallSites calling it, over every graph; TapPoints themselves are left out."""
-    return {path: calls for path, calls in call_sites(model).items()
-            if not isinstance(model.get_submodule(path), TapPoint)}
+    return {
+        path: calls for path, calls in call_sites(model).items() if not isinstance(model.get_submodule(path), TapPoint)
+    }
 
 
 def _val(node) -> object:
@@ -47,8 +49,12 @@ def _leaves(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Nodes carrying the tensors a module call returns, in output order (through getitem/flatten)."""
     if isinstance(_val(node), torch.Tensor):
         return [node]
-    unpack = [u for u in node.users if u.op == "call_function" and (
-        u.target is operator.getitem or getattr(u.target, "__name__", "") == "tree_flatten_spec")]
+    unpack = [
+        u
+        for u in node.users
+        if u.op == "call_function"
+        and (u.target is operator.getitem or getattr(u.target, "__name__", "") == "tree_flatten_spec")
+    ]
     unpack.sort(key=lambda u: u.args[1] if u.target is operator.getitem else -1)
     return [leaf for u in unpack for leaf in _leaves(u)] if unpack else [node]
 
@@ -56,8 +62,11 @@ def _leaves(node: torch.fx.Node) -> list[torch.fx.Node]:
 def _output_leaf(call: torch.fx.Node) -> torch.fx.Node:
     """The call's hidden-state output: the first output shaped like a float input, else the first."""
     leaves = _leaves(call)
-    shapes = {str(tuple(_val(a).shape)) for a in call.all_input_nodes
-              if isinstance(_val(a), torch.Tensor) and _val(a).is_floating_point()}
+    shapes = {
+        str(tuple(_val(a).shape))
+        for a in call.all_input_nodes
+        if isinstance(_val(a), torch.Tensor) and _val(a).is_floating_point()
+    }
     same = [n for n in leaves if isinstance(_val(n), torch.Tensor) and str(tuple(_val(n).shape)) in shapes]
     return (same or leaves)[0]
 
@@ -100,10 +109,13 @@ class Tap(Pass):
             student, teacher = parse_spec(text)
             hits = resolve(student.path, list(called), "called module")
             if teacher is not None and len(hits) > 1 and "*" not in teacher.path:
-                raise SelectorError(f"tap spec {text!r}: student side matches {len(hits)} modules but the "
-                                    f"teacher side {str(teacher)!r} names one; use a glob on both sides")
-            plan += [(TapSpec(student.where, p), None if teacher is None else str(teacher), i)
-                     for i, p in enumerate(hits)]
+                raise SelectorError(
+                    f"tap spec {text!r}: student side matches {len(hits)} modules but the "
+                    f"teacher side {str(teacher)!r} names one; use a glob on both sides"
+                )
+            plan += [
+                (TapSpec(student.where, p), None if teacher is None else str(teacher), i) for i, p in enumerate(hits)
+            ]
         return plan
 
     def requires(self, cooked) -> None:
@@ -142,5 +154,3 @@ class Tap(Pass):
         missing = [str(s) for s, _, _ in self._plan(cooked) if str(s) not in have]
         if missing:
             raise PassError(f"tap: taps not inserted: {missing}")
-
-

@@ -2,6 +2,7 @@
 (`onnx`: ONNX / ONNX Runtime; `tensorrt`: TensorRT engines; `torch_cuda`: PyTorch CUDA kernels).
 Each backend is imported on first use (`fxcook.runtime.onnx` after a bare `import fxcook`); GPU-only
 dependencies are imported lazily inside them."""
+
 import importlib
 
 BACKENDS = ("onnx", "tensorrt", "torch_cuda")

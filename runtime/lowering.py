@@ -11,27 +11,33 @@ translations map 1:1 to integer kernels:
 
 No model module asks whether it is being exported: `lowered` swaps the modules for the block's duration.
 """
+
 from __future__ import annotations
 
 import contextlib
 
-import fxcook.passes.moefy.ops
-import fxcook.passes.quantize.ops
 import torch
 import torch.nn.functional as F
-from fxcook.passes.moefy.routed import MoEFFN
-from fxcook.passes.quantize.experts import ExpertInputQuant, ExpertWeightQuant, safe_name
-from fxcook.passes.quantize.ops import TOKEN_ZERO_POINT
-from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TensorQuant, TokenQuant
 from torch import nn
 
 from fxcook.errors import FxcookError, NotSupportedYet, PassError
 from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
+from fxcook.passes.moefy.routed import MoEFFN
+from fxcook.passes.quantize.experts import ExpertInputQuant, ExpertWeightQuant, safe_name
+from fxcook.passes.quantize.ops import TOKEN_ZERO_POINT
+from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TensorQuant, TokenQuant
 from fxcook.qview import quant_view
 from fxcook.tracing import parent_of
 
-__all__ = ["EmbeddingInt8Export", "ExpertInputExport", "ExpertWeightExport", "Flat", "MoEFFNExport",
-           "QuantLinearExport", "lowered"]
+__all__ = [
+    "EmbeddingInt8Export",
+    "ExpertInputExport",
+    "ExpertWeightExport",
+    "Flat",
+    "MoEFFNExport",
+    "QuantLinearExport",
+    "lowered",
+]
 
 
 class QuantLinearExport(nn.Module):
@@ -100,8 +106,12 @@ class ExpertWeightExport(nn.Module):
         self.shape = tuple(codes.shape)  # [E, out, in]
         self.reduce_dim, self.group = quant.reduce_dim, quant.group_size
         self.register_buffer("qweight", codes.reshape(-1, self.shape[-1]).contiguous())
-        self.register_buffer("wscale", scale.reshape(self.qweight.shape[0], -1).squeeze(-1).contiguous()
-                             if self.group is None else scale.reshape(self.qweight.shape[0], -1).contiguous())
+        self.register_buffer(
+            "wscale",
+            scale.reshape(self.qweight.shape[0], -1).squeeze(-1).contiguous()
+            if self.group is None
+            else scale.reshape(self.qweight.shape[0], -1).contiguous(),
+        )
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:  # the float parameter is not read
         if self.group is not None:
@@ -119,8 +129,10 @@ class ExpertInputExport(nn.Module):
         super().__init__()
         if isinstance(quant, TensorQuant):
             if not quant.calibrated:
-                raise PassError("export: a static expert activation quantizer was never calibrated "
-                                "(run fxcook.passes.quantize.quantizers.calibrate first)")
+                raise PassError(
+                    "export: a static expert activation quantizer was never calibrated "
+                    "(run fxcook.passes.quantize.quantizers.calibrate first)"
+                )
             self.register_buffer("ascale", quant.scale.detach().abs().float().reshape(()).clone())
         elif not isinstance(quant, (TokenQuant, DynamicTensorQuant)):
             raise NotSupportedYet(f"export: expert input quantizer {type(quant).__name__} has no ONNX lowering")
@@ -169,9 +181,17 @@ class MoEFFNExport(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         gate = m.gate
         out = torch.ops.fxcook.moe_ffn(
-            m.quant_in(x2), m.scores(x2), m.up.effective_weight(), m.up.bias,
-            None if gate is None else gate.effective_weight(), None if gate is None else gate.bias,
-            m.down.effective_weight(), m.down.bias, m.top_k, m.act, m.weight_bits,
+            m.quant_in(x2),
+            m.scores(x2),
+            m.up.effective_weight(),
+            m.up.bias,
+            None if gate is None else gate.effective_weight(),
+            None if gate is None else gate.bias,
+            m.down.effective_weight(),
+            m.down.bias,
+            m.top_k,
+            m.act,
+            m.weight_bits,
         )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -227,11 +247,9 @@ class Flat(nn.Module):
         self.training = model.training  # the wrapper adds no mode of its own
 
     def forward(self, *inputs):
-        out = self.model(*inputs[:self.n_args], **dict(zip(self.keys, inputs[self.n_args:])))
+        out = self.model(*inputs[: self.n_args], **dict(zip(self.keys, inputs[self.n_args :])))
         if isinstance(out, torch.Tensor):
             return (out,)
         if hasattr(out, "keys"):
             return tuple(out[k] for k in out.keys() if isinstance(out[k], torch.Tensor))
         return tuple(out)
-
-

@@ -8,6 +8,7 @@ form. `check_explicit_quantization` checks an ONNX file against these rules so C
 artifact; `build_engine` (needs `tensorrt`) builds a strongly typed engine with an optimization
 profile for the dynamic batch/sequence axes and, optionally, 2:4 sparse weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,10 @@ def check_explicit_quantization(path: str | os.PathLike) -> list[str]:
 
     for n in g.node:
         if n.domain not in ("", "ai.onnx"):
-            problems.append(f"{n.domain}.{n.op_type} {n.name or n.output[0]}: not a standard ONNX op "
-                            f"(per-token dynamic activations have no TensorRT int8 form; export with acts int8/tensor)")
+            problems.append(
+                f"{n.domain}.{n.op_type} {n.name or n.output[0]}: not a standard ONNX op "
+                f"(per-token dynamic activations have no TensorRT int8 form; export with acts int8/tensor)"
+            )
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             where = f"{n.op_type} {n.name or n.output[0]}"
             zp = value(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -96,8 +99,10 @@ def check_explicit_quantization(path: str | os.PathLike) -> list[str]:
                     if _transposed_between(producer, n.input[1]):
                         out_axis = 0
                     if axis % wv.ndim != out_axis:
-                        problems.append(f"{n.op_type} {n.name or n.output[0]}: weight scales on axis {axis}, "
-                                        f"not the output-channel axis {out_axis}")
+                        problems.append(
+                            f"{n.op_type} {n.name or n.output[0]}: weight scales on axis {axis}, "
+                            f"not the output-channel axis {out_axis}"
+                        )
     return problems
 
 
@@ -110,8 +115,16 @@ def _transposed_between(producer, name) -> bool:
     return node is not None and node.op_type == "Transpose"
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, sparse: bool = False,
-                 min_shape=(1, 1), opt_shape=(8, 128), max_shape=(32, 512), workspace_gb: float = 4.0) -> Path:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    sparse: bool = False,
+    min_shape=(1, 1),
+    opt_shape=(8, 128),
+    max_shape=(32, 512),
+    workspace_gb: float = 4.0,
+) -> Path:
     """Build and serialize a TensorRT engine from an fxcook ONNX export (needs `tensorrt`).
 
     Strongly typed network (precisions come from the Q/DQ in the graph), one optimization profile
@@ -174,8 +187,9 @@ class _TrtQuantLinear(nn.Module):
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
         q = self.quantize_op
-        return nn.functional.linear(q(x, self.amax_x, 8, 0, False, False),
-                                    q(self.weight, self.amax_w, 8, 0, False, False), self.bias)
+        return nn.functional.linear(
+            q(x, self.amax_x, 8, 0, False, False), q(self.weight, self.amax_w, 8, 0, False, False), self.bias
+        )
 
 
 def trt_lowered(cooked, quantize_op):
@@ -203,5 +217,6 @@ def compile_torch_tensorrt(cooked, example_inputs, **options):
     low = Flat(trt_lowered(cooked, torch.ops.tensorrt.quantize_op), len(args), list(kwargs))
     with torch.no_grad():
         ep = torch.export.export(low, flat, strict=False)
-    return torch_tensorrt.dynamo.compile(ep, arg_inputs=flat,
-                                         enabled_precisions={torch.int8, torch.float16, torch.float32}, **options)
+    return torch_tensorrt.dynamo.compile(
+        ep, arg_inputs=flat, enabled_precisions={torch.int8, torch.float16, torch.float32}, **options
+    )

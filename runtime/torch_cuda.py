@@ -11,6 +11,7 @@ becomes an `inv_smooth` buffer multiplied into the input (the weight columns alr
 factors). Everything CUDA-only is imported when used, so this
 module imports and plans on a CPU machine (where every 2:4 layer stays dense: no CPU kernel exists).
 """
+
 from __future__ import annotations
 
 import copy
@@ -105,7 +106,9 @@ def _row_sums(wq: torch.Tensor) -> torch.Tensor:
     return wq.to(torch.int32).sum(1)
 
 
-def _rescale(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+def _rescale(
+    acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+):
     y = acc.to(torch.float32) * row_scale * col_scale
     if bias is not None:
         y = y + bias.to(torch.float32)
@@ -135,8 +138,13 @@ def _pad_scale(s: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor
 
 
 def int8_linear(
-    x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None, inv_smooth: torch.Tensor | None = None, acts: ActScheme = TOKEN,
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    inv_smooth: torch.Tensor | None = None,
+    acts: ActScheme = TOKEN,
 ) -> torch.Tensor:
     """`(x * inv_smooth) @ dequant(wq).T + bias` with x quantized as `acts` says, an int8 x int8 -> int32
     GEMM and a fused rescale.
@@ -162,8 +170,14 @@ class Int8Linear(nn.Module):
     `codes`: the weight's own int8 codes and [out] scales (a quantized layer's view); else `weight` is
     quantized per output channel."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, inv_smooth: torch.Tensor | None = None,
-                 acts: ActScheme = TOKEN, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        inv_smooth: torch.Tensor | None = None,
+        acts: ActScheme = TOKEN,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         wq, ws = codes or _quantize_rows(weight.detach())
         self.acts = acts
@@ -190,8 +204,13 @@ def _sparse_class(backend: str):
 class Sparse24Linear(nn.Module):
     """fp16/bf16 2:4 linear: the weight compressed by `to_sparse_semi_structured` (cuSPARSELt or CUTLASS)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt",
-                 inv_smooth: torch.Tensor | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        backend: str = "cusparselt",
+        inv_smooth: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.backend = backend
         self.out_features, self.in_features = weight.shape
@@ -213,9 +232,16 @@ class Sparse24Linear(nn.Module):
 class Int8Sparse24Linear(nn.Module):
     """int8 x int8 2:4 GEMM: cuSPARSELt with the weight scale as per-channel alpha, or CUTLASS int32 + rescale."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "cusparselt",
-                 out_dtype=torch.bfloat16, inv_smooth: torch.Tensor | None = None, acts: ActScheme = TOKEN,
-                 codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        backend: str = "cusparselt",
+        out_dtype=torch.bfloat16,
+        inv_smooth: torch.Tensor | None = None,
+        acts: ActScheme = TOKEN,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.backend, self.out_dtype, self.acts = backend, out_dtype, acts
         wq, ws = codes or _quantize_rows(weight.detach())
@@ -395,8 +421,12 @@ def _kernel_inputs(mod: CookedLinear):
     the model's own activation scheme and, for int8 per-channel weights, its own codes and scales."""
     if mod.weight_quant is None:
         smooth = getattr(mod.input_quant, "smooth", None)
-        return (None if mod.bias is None else mod.bias.detach().float(),
-                None if smooth is None else 1.0 / smooth.detach().float(), TOKEN, None)
+        return (
+            None if mod.bias is None else mod.bias.detach().float(),
+            None if smooth is None else 1.0 / smooth.detach().float(),
+            TOKEN,
+            None,
+        )
     view = quant_view(mod)
     acts = TOKEN if view.act is None else ActScheme(view.act, view.act_scale, view.act_bits)
     codes = (view.codes, view.scale) if view.bits == 8 and view.group is None else None

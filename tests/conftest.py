@@ -15,8 +15,9 @@ torch.set_num_threads(2)
 # example database; local runs explore new examples and replay earlier failures from the database.
 # Model captures are slow and their time varies with the machine's load, so neither has a deadline.
 # (Hypothesis loads its own "ci" profile when CI is set: both are built on its plain defaults instead.)
-settings.register_profile("ci", settings.get_profile("default"), derandomize=True, database=None, deadline=None,
-                          print_blob=True)
+settings.register_profile(
+    "ci", settings.get_profile("default"), derandomize=True, database=None, deadline=None, print_blob=True
+)
 settings.register_profile("dev", settings.get_profile("default"), deadline=None, print_blob=True)
 
 

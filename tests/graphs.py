@@ -1,5 +1,6 @@
 """Structural graph comparison for Before/Expected rewrite tests: build the expected graph by hand from
 the graph before the pass, then compare it node by node with the pass's result."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,13 @@ class Ref:
 
 def _shape(node: Node, index: dict[Node, int]) -> tuple:
     ref = lambda n: Ref(index[n])
-    return (node.op, node.target, map_arg(node.args, ref), map_arg(node.kwargs, ref),
-            sorted(index[u] for u in node.users))
+    return (
+        node.op,
+        node.target,
+        map_arg(node.args, ref),
+        map_arg(node.kwargs, ref),
+        sorted(index[u] for u in node.users),
+    )
 
 
 def assert_same_graph(actual: Graph, expected: Graph) -> None:
@@ -30,8 +36,10 @@ def assert_same_graph(actual: Graph, expected: Graph) -> None:
     gi, wi = {n: i for i, n in enumerate(got)}, {n: i for i, n in enumerate(want)}
     for i, (g, w) in enumerate(zip(got, want)):
         got_shape, want_shape = _shape(g, gi), _shape(w, wi)
-        assert got_shape == want_shape, (f"node {i} differs:\n  got  {g.format_node()}\n  want {w.format_node()}"
-                                         f"\n  got  {got_shape}\n  want {want_shape}")
+        assert got_shape == want_shape, (
+            f"node {i} differs:\n  got  {g.format_node()}\n  want {w.format_node()}"
+            f"\n  got  {got_shape}\n  want {want_shape}"
+        )
     assert len(got) == len(want), f"{len(got)} nodes, expected {len(want)}:\n{actual}\nexpected:\n{expected}"
 
 

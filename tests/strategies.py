@@ -1,4 +1,5 @@
 """Hypothesis strategies: random tiny configs of every supported family and random inputs."""
+
 from hypothesis import strategies as st
 
 from fxcook.testing import FAMILIES, tiny_inputs, tiny_model
@@ -12,7 +13,13 @@ def model_and_inputs(draw, family=None):
     fam = draw(families) if family is None else family
     layers = draw(st.integers(1, 2))
     seed = draw(st.integers(0, 2**16))
-    over = {"num_layers": layers} if fam == "t5" else {"n_layer": layers} if fam == "gpt2" else {"num_hidden_layers": layers}
+    over = (
+        {"num_layers": layers}
+        if fam == "t5"
+        else {"n_layer": layers}
+        if fam == "gpt2"
+        else {"num_hidden_layers": layers}
+    )
     model = tiny_model(fam, seed=seed, **over)
     batch, seq = draw(st.integers(2, 3)), draw(st.integers(4, 9))
     x = tiny_inputs(fam, batch=batch, seq=seq, seed=seed)
@@ -39,4 +46,6 @@ def assert_ort_matches_int8(got, ref, unquantized):
     err = np.abs(got - ref) / scale
     assert err.max() < ORT_MAX_ERROR and err.mean() < ORT_MEAN_ERROR, (err.max(), err.mean())
     off = np.abs(got - unquantized).mean() / scale
-    assert off > ORT_MEAN_ERROR, f"the float model is as close to ORT ({off:.3g}) as the int8 one: the bound is too loose"
+    assert off > ORT_MEAN_ERROR, (
+        f"the float model is as close to ORT ({off:.3g}) as the int8 one: the bound is too loose"
+    )

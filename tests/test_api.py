@@ -1,4 +1,5 @@
 """The Python front: lazy submodules, compile's argument checks, capture errors at the user's line."""
+
 import inspect
 import subprocess
 import sys
@@ -13,11 +14,13 @@ from fxcook.testing import tiny_inputs, tiny_model
 
 
 def test_bare_import_gives_submodules_lazily():
-    code = ("import sys, fxcook\n"
-            "assert 'fxcook.passes' not in sys.modules and 'fxcook.runtime' not in sys.modules\n"
-            "assert 'fxcook.runtime.onnx' not in sys.modules\n"
-            "print(fxcook.passes.Quantize.__name__, fxcook.runtime.onnx.export.__name__,\n"
-            "      fxcook.runtime.tensorrt.__name__)\n")
+    code = (
+        "import sys, fxcook\n"
+        "assert 'fxcook.passes' not in sys.modules and 'fxcook.runtime' not in sys.modules\n"
+        "assert 'fxcook.runtime.onnx' not in sys.modules\n"
+        "print(fxcook.passes.Quantize.__name__, fxcook.runtime.onnx.export.__name__,\n"
+        "      fxcook.runtime.tensorrt.__name__)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["Quantize", "export", "fxcook.runtime.tensorrt"]
@@ -49,8 +52,11 @@ def test_a_single_batch_as_calibration_is_refused_before_capture(bert, monkeypat
     model, x = bert
     batch = x if single == "dict" else x["input_ids"]
     monkeypatch.setattr(fxcook.pipeline, "capture", lambda *a, **k: pytest.fail("captured before checking"))
-    with pytest.raises(FxcookError, match=r"pass 'sparsify' \(pipeline item 0\): calibration is \w+, a single batch; "
-                                          r"pass a list of batches .* e\.g\. calibration=\[batch\]"):
+    with pytest.raises(
+        FxcookError,
+        match=r"pass 'sparsify' \(pipeline item 0\): calibration is \w+, a single batch; "
+        r"pass a list of batches .* e\.g\. calibration=\[batch\]",
+    ):
         fxcook.compile(model, [fxcook.passes.Sparsify(method="wanda", calibration=batch)], example_inputs=x)
 
 

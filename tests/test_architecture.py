@@ -1,4 +1,5 @@
 """Layering: core never imports a technique or a backend, and the package has no import cycles."""
+
 import ast
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for t in sorted(graph.get(m, ())):
             if state.get(t) == 1:
-                return stack[stack.index(t):] + [t]
+                return stack[stack.index(t) :] + [t]
             if t not in state and (found := visit(t)):
                 return found
         state[m] = 2
@@ -89,7 +90,9 @@ def test_cycle_finder_finds_one():
 
 
 def test_training_loads_no_technique():
-    code = ("import sys, fxcook, fxcook.pipeline, fxcook.cooked; fxcook.train; fxcook.DistillLoss; "
-            "print([m for m in sys.modules if m.startswith(('fxcook.passes', 'fxcook.runtime'))])")
+    code = (
+        "import sys, fxcook, fxcook.pipeline, fxcook.cooked; fxcook.train; fxcook.DistillLoss; "
+        "print([m for m in sys.modules if m.startswith(('fxcook.passes', 'fxcook.runtime'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
 """fxcook.save / fxcook.load: a loaded artifact computes what the saved model computed, for every pass,
 rebuilt without calibration data; saving replaces a directory atomically or not at all."""
+
 import copy
 import json
 
@@ -22,29 +23,51 @@ def calib(family):
 
 def _scheduled(family):
     """Unstructured magnitude on a schedule, advanced past two recomputes on changed weights."""
-    return [Sparsify(pattern="unstructured", method="magnitude", sparsity=0.6,
-                     schedule={"start": 0, "end": 8, "every": 2}), Tap(taps=["[post]*.*.0"])]
+    return [
+        Sparsify(pattern="unstructured", method="magnitude", sparsity=0.6, schedule={"start": 0, "end": 8, "every": 2}),
+        Tap(taps=["[post]*.*.0"]),
+    ]
 
 
 # (family, passes): every pass and option whose state a rebuild must take from the file
 CASES = {
-    "lsq-static-embeddings": ("bert", lambda f: [Quantize(acts="int8/tensor", learnable_scales=True, embeddings=True,
-                                                          calibration=calib(f))]),
-    "percentile-sensitive": ("gpt2", lambda f: [Quantize(acts="int8/tensor", observer="percentile", sensitive_inputs=2,
-                                                         calibration=calib(f))]),
-    "2d-dynamic-smoothquant": ("llama", lambda f: [Sparsify(method="m4n2_2d"), Quantize(
-        acts="int8/tensor/dynamic", smoothquant=0.5, calibration=calib(f))]),
-    "wanda-sequential-int4": ("bert", lambda f: [Sparsify(method="wanda", pattern="unstructured", sparsity=0.6,
-                                                          sequential=True, calibration=calib(f)),
-                                                 Quantize(weights="int4/group16", acts=None)]),
+    "lsq-static-embeddings": (
+        "bert",
+        lambda f: [Quantize(acts="int8/tensor", learnable_scales=True, embeddings=True, calibration=calib(f))],
+    ),
+    "percentile-sensitive": (
+        "gpt2",
+        lambda f: [Quantize(acts="int8/tensor", observer="percentile", sensitive_inputs=2, calibration=calib(f))],
+    ),
+    "2d-dynamic-smoothquant": (
+        "llama",
+        lambda f: [
+            Sparsify(method="m4n2_2d"),
+            Quantize(acts="int8/tensor/dynamic", smoothquant=0.5, calibration=calib(f)),
+        ],
+    ),
+    "wanda-sequential-int4": (
+        "bert",
+        lambda f: [
+            Sparsify(method="wanda", pattern="unstructured", sparsity=0.6, sequential=True, calibration=calib(f)),
+            Quantize(weights="int4/group16", acts=None),
+        ],
+    ),
     "schedule-tap": ("gpt2", _scheduled),
-    "24-int8-moefy-mlp": ("llama", lambda f: [Relufy(), Sparsify(), Quantize(),
-                                              Moefy(experts=4, top_k=2, calibration=calib(f))]),
+    "24-int8-moefy-mlp": (
+        "llama",
+        lambda f: [Relufy(), Sparsify(), Quantize(), Moefy(experts=4, top_k=2, calibration=calib(f))],
+    ),
     # group-wise scales run along the FFN width, so they see the experts' neuron order (`perm`)
-    "int4-moefy-coactivation-oracle": ("bert", lambda f: [Relufy(), Quantize(weights="int4/group16", acts=None),
-                                                          Moefy(experts=4, top_k=1, method="coactivation",
-                                                                router="oracle", calibration=calib(f)),
-                                                          Tap(taps=["[post]encoder.layer.*"])]),
+    "int4-moefy-coactivation-oracle": (
+        "bert",
+        lambda f: [
+            Relufy(),
+            Quantize(weights="int4/group16", acts=None),
+            Moefy(experts=4, top_k=1, method="coactivation", router="oracle", calibration=calib(f)),
+            Tap(taps=["[post]encoder.layer.*"]),
+        ],
+    ),
     "experts-static": ("mixtral", lambda f: [Quantize(acts="int8/tensor", calibration=calib(f))]),
 }
 _BUILT = {}
@@ -79,12 +102,20 @@ def test_load_of_save_computes_the_same(case, tmp_path_factory, batch, seq, pad,
 
 def test_restore_takes_data_derived_state_from_the_file(tmp_path_factory):
     """Masks, static scales, divisors, expert layouts and routers are the saved ones, not placeholders."""
-    for case in ("lsq-static-embeddings", "2d-dynamic-smoothquant", "24-int8-moefy-mlp", "schedule-tap",
-                 "int4-moefy-coactivation-oracle"):
+    for case in (
+        "lsq-static-embeddings",
+        "2d-dynamic-smoothquant",
+        "24-int8-moefy-mlp",
+        "schedule-tap",
+        "int4-moefy-coactivation-oracle",
+    ):
         _, model, loaded = saved_and_loaded(case, tmp_path_factory)
         saved = model.state_dict()
-        data = [k for k in saved if k.rpartition(".")[2] in ("weight_mask", "scale", "smooth", "labels", "perm")
-                or ".router." in k]
+        data = [
+            k
+            for k in saved
+            if k.rpartition(".")[2] in ("weight_mask", "scale", "smooth", "labels", "perm") or ".router." in k
+        ]
         assert data, case
         for key in data:
             assert torch.equal(loaded.state_dict()[key], saved[key]), (case, key)
@@ -99,8 +130,14 @@ def test_minilm_round_trip(minilm, minilm_cooked, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**y).last_hidden_state, cooked(**y).last_hidden_state, rtol=0, atol=1e-6)
     files = {p.name for p in (tmp_path / "minilm").iterdir()}
-    assert {"model.safetensors", "inputs.safetensors", "config.json", "fxcook.json", "report.txt",
-            "manifest.json"} <= files
+    assert {
+        "model.safetensors",
+        "inputs.safetensors",
+        "config.json",
+        "fxcook.json",
+        "report.txt",
+        "manifest.json",
+    } <= files
     desc = json.loads((tmp_path / "minilm" / "fxcook.json").read_text())
     assert [e["pass"] for e in desc["passes"]] == ["sparsify", "quantize"]
     assert desc["passes"][1]["config"]["acts"] == "int8/tensor" and "calibration" not in desc["passes"][1]["config"]

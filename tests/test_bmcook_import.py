@@ -1,4 +1,5 @@
 """BMCook's own configs import; a key fxcook cannot honour is a RecipeError naming it."""
+
 import copy
 import json
 
@@ -8,8 +9,8 @@ import torch
 import fxcook
 from fxcook import load_recipe
 from fxcook.errors import RecipeError
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
+from fxcook.testing import tiny_inputs, tiny_model
 
 # BMCook's examples/gpt/configs/gpt2-prune.json, key for key
 PRUNE = {
@@ -22,17 +23,31 @@ PRUNE = {
         ],
         "mse_hidn_proj": False,
     },
-    "pruning": {"is_pruning": True, "pruning_mask_path": "prune_example.bin", "pruned_module": ["encoder.layers.0"],
-                "mask_method": "m4n2_1d"},
+    "pruning": {
+        "is_pruning": True,
+        "pruning_mask_path": "prune_example.bin",
+        "pruned_module": ["encoder.layers.0"],
+        "mask_method": "m4n2_1d",
+    },
     "quantization": {"is_quant": False},
     "MoEfication": {"is_moefy": False, "first_FFN_module": ["ffn.layernorm_before_ffn"]},
 }
 # BMCook's examples/gpt/configs/gpt2-moe.json: pruning off, with an sprune section BMCook then ignores
 MOE = copy.deepcopy(PRUNE)
-MOE["pruning"] = {"is_pruning": False, "pruning_mask_path": "prune_example.bin", "pruned_module": ["input_embedding"],
-                  "mask_method": "sprune",
-                  "sprune": {"criterion": "l0", "training_mask": ["transformer", "num_heads"], "fixed_mask_path": "",
-                             "mask_mode": "train_mask", "target_mode": "sparsity", "target_sparsity": 0.5}}
+MOE["pruning"] = {
+    "is_pruning": False,
+    "pruning_mask_path": "prune_example.bin",
+    "pruned_module": ["input_embedding"],
+    "mask_method": "sprune",
+    "sprune": {
+        "criterion": "l0",
+        "training_mask": ["transformer", "num_heads"],
+        "fixed_mask_path": "",
+        "mask_mode": "train_mask",
+        "target_mode": "sparsity",
+        "target_sparsity": 0.5,
+    },
+}
 MOE["MoEfication"].update(is_moefy=True, experts=4, top_k=2)  # fxcook's additions (BMCook's command line)
 
 
@@ -45,9 +60,15 @@ def write(tmp_path, cfg):
 def test_quick_start_pruning_config_imports(tmp_path):
     with pytest.warns(UserWarning, match="pruning_mask_path' = 'prune_example.bin' is neither read nor written"):
         recipe = load_recipe(write(tmp_path, PRUNE))
-    assert recipe.passes == [{"sparsify": {"pattern": "2:4", "method": "m4n2_1d",
-                                           "select": {"include": [r"re:encoder\.layers\.0"], "kind": "linear",
-                                                      "scope": "all"}}}]
+    assert recipe.passes == [
+        {
+            "sparsify": {
+                "pattern": "2:4",
+                "method": "m4n2_1d",
+                "select": {"include": [r"re:encoder\.layers\.0"], "kind": "linear", "scope": "all"},
+            }
+        }
+    ]
     assert recipe.train is None
 
 
@@ -71,16 +92,23 @@ def test_combined_config_maps_every_section(tmp_path):
     assert recipe.train == {"loss": {"kl": 0.5, "hidden_mse": 1.0, "temperature": 2.0}}
 
 
-@pytest.mark.parametrize("section, key, value, named", [
-    ("quantization", "bits", 4, "unknown BMCook key 'quantization.bits'"),
-    ("pruning", "sparsity", 0.75, "unknown BMCook key 'pruning.sparsity'"),
-    ("pruning", "pruned_modules", ["x"], "unknown BMCook key 'pruning.pruned_modules'"),
-    ("pruning", "mask_method", "sprune", "BMCook key 'pruning.mask_method' = 'sprune' is not mapped"),
-    ("distillation", "mse_hidn_proj", True, "BMCook key 'distillation.mse_hidn_proj' = true is not mapped"),
-    ("distillation", "mse_att_scale", 1.0, "BMCook key 'distillation.mse_att_scale' = 1.0 is not mapped"),
-    ("MoEfication", "first_FFN_module", "ffn",
-     "BMCook key 'MoEfication.first_FFN_module': Input should be a valid list"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, named",
+    [
+        ("quantization", "bits", 4, "unknown BMCook key 'quantization.bits'"),
+        ("pruning", "sparsity", 0.75, "unknown BMCook key 'pruning.sparsity'"),
+        ("pruning", "pruned_modules", ["x"], "unknown BMCook key 'pruning.pruned_modules'"),
+        ("pruning", "mask_method", "sprune", "BMCook key 'pruning.mask_method' = 'sprune' is not mapped"),
+        ("distillation", "mse_hidn_proj", True, "BMCook key 'distillation.mse_hidn_proj' = true is not mapped"),
+        ("distillation", "mse_att_scale", 1.0, "BMCook key 'distillation.mse_att_scale' = 1.0 is not mapped"),
+        (
+            "MoEfication",
+            "first_FFN_module",
+            "ffn",
+            "BMCook key 'MoEfication.first_FFN_module': Input should be a valid list",
+        ),
+    ],
+)
 @pytest.mark.filterwarnings("ignore:.*pruning_mask_path")
 def test_keys_fxcook_does_not_map_are_named(tmp_path, section, key, value, named):
     cfg = copy.deepcopy(PRUNE)

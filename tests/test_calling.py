@@ -1,4 +1,5 @@
 """A cooked model is called like the original: every call form gives the original's output."""
+
 import inspect
 import warnings
 
@@ -13,8 +14,9 @@ from fxcook.errors import FxcookError
 from fxcook.testing import tiny_inputs, tiny_model
 
 FAMILIES = ("bert", "gpt2", "t5", "llama")
-SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                          HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 def assert_same(out, ref):
@@ -31,7 +33,7 @@ def positional(model, inputs):
     """`inputs` as positional arguments of the original forward (None in the gaps)."""
     names = list(inspect.signature(model.forward).parameters)
     last = max(names.index(k) for k in inputs)
-    return tuple(inputs.get(n) for n in names[:last + 1])
+    return tuple(inputs.get(n) for n in names[: last + 1])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -1,18 +1,18 @@
 """Capture is exact: every family, any shape, the original untouched, state round-trips."""
+
 import copy
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import main_output, model_and_inputs
 from torch import nn
 
 import fxcook
 from fxcook.errors import CaptureError
-from fxcook.testing import FAMILIES, tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
-
-from strategies import main_output, model_and_inputs
+from fxcook.testing import FAMILIES, tiny_inputs, tiny_model
 
 SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,8 +36,13 @@ def test_capture_is_exact_for_every_family(family, data):
 
 def test_minilm_capture_exact_and_sites(minilm, minilm_cooked):
     model, tok = minilm
-    enc = dict(tok(["One short line.", "A rather longer line of real text, with more tokens in it than the first."],
-                   padding=True, return_tensors="pt"))
+    enc = dict(
+        tok(
+            ["One short line.", "A rather longer line of real text, with more tokens in it than the first."],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
     with torch.no_grad():
         ref, out = model(**enc).last_hidden_state, minilm_cooked(**enc).last_hidden_state
     assert (ref - out).abs().max().item() <= 1e-6
@@ -147,7 +152,10 @@ def test_deepcopy_is_independent_and_mode_follows_original():
         twin.get_submodule("encoder.layer.0.intermediate.dense").weight.zero_()
         assert not torch.equal(twin(**x).last_hidden_state, cooked(**x).last_hidden_state)
     node = next(n for n in twin.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module")
-    assert node.graph is not next(n for n in cooked.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module").graph
+    assert (
+        node.graph
+        is not next(n for n in cooked.get_submodule("encoder.layer.0").graph.nodes if n.op == "call_module").graph
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "mixtral"])

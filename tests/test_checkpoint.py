@@ -1,4 +1,5 @@
 """Quantized safetensors checkpoints: int8 codes + scales, round trip, BMCook names."""
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -6,8 +7,8 @@ from safetensors.torch import load_file, save_file
 
 import fxcook
 from fxcook.checkpoint import load_quantized, save_quantized
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Quantize
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 def quantized(seed):

@@ -1,4 +1,5 @@
 """The command line: inspect lists MiniLM's sites; compress writes a model; errors exit cleanly."""
+
 import torch
 
 from fxcook.cli import main

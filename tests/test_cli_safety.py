@@ -1,4 +1,5 @@
 """The command line refuses bad paths and arguments before any work, and exports saved models."""
+
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def no_work(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("the command loaded a model before checking its output path")
+
     monkeypatch.setattr(fxcook.models, "load_model", refuse)
 
 
@@ -41,8 +43,14 @@ def test_version_and_python_m(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fxcook {version('fxcook')}"
-    proc = subprocess.run([sys.executable, "-m", "fxcook", "--version"], check=False, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxcook", "--version"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"fxcook {version('fxcook')}"
 
 
@@ -82,8 +90,9 @@ def test_out_paths_are_checked_before_work(tmp_path, model_dir, capsys, no_work)
     assert taken.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--steps", "0"), ("--steps", "-1"),
-                                        ("--lines", "0"), ("--steps", "many")])
+@pytest.mark.parametrize(
+    "flag,value", [("--batch-size", "0"), ("--steps", "0"), ("--steps", "-1"), ("--lines", "0"), ("--steps", "many")]
+)
 def test_train_bad_counts_are_usage_errors(tmp_path, flag, value, capsys, no_work):
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "o"), flag, value])

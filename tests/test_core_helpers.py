@@ -1,5 +1,6 @@
 """Core helpers every pass shares: the calibration recorder, the model's main output, parent lookups,
 explicit site updates, declared mask schedules and the recipes shipped with the package."""
+
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,13 @@ class TwoBranch(nn.Module):
 def test_record_inputs_sees_every_call_and_removes_its_hooks():
     model, seen = TwoBranch(), {}
     batches = [torch.ones(2, 4), torch.ones(3, 4)]
-    record_inputs(model, {"a": model.a, "b": model.b}, lambda k, x: seen.setdefault(k, []).append(x.shape[0]),
-                  batches, "test calibration")
+    record_inputs(
+        model,
+        {"a": model.a, "b": model.b},
+        lambda k, x: seen.setdefault(k, []).append(x.shape[0]),
+        batches,
+        "test calibration",
+    )
     assert seen == {"a": [2, 3], "b": [2, 3]}
     assert not model.a._forward_pre_hooks and not model.b._forward_pre_hooks
 
@@ -41,7 +47,9 @@ def test_record_inputs_sees_every_call_and_removes_its_hooks():
 def test_record_inputs_names_the_modules_never_reached_and_respects_the_limit():
     model = TwoBranch()
     batches = [-torch.ones(1, 4), torch.ones(1, 4)]  # the second batch would reach b: past the limit
-    with pytest.raises(PassError, match=r"^test calibration never reached \['b'\] \(is the calibration data empty\?\)$"):
+    with pytest.raises(
+        PassError, match=r"^test calibration never reached \['b'\] \(is the calibration data empty\?\)$"
+    ):
         record_inputs(model, {"a": model.a, "b": model.b}, lambda k, x: None, batches, "test calibration", limit=1)
     assert not model.b._forward_pre_hooks
 

@@ -1,4 +1,5 @@
 """DistillLoss: every term against a hand computation on small tensors; binding and its errors."""
+
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxcook.training.losses import DistillLoss, _masked_softmax_logits
 from fxcook.errors import FxcookError, PreconditionError
+from fxcook.training.losses import DistillLoss, _masked_softmax_logits
 
 
 def _bound(pairs=(), qkv=(), heads=None, **kw):
@@ -24,14 +25,16 @@ def test_kl_matches_hand_computation(b, s, v, temperature, seed):
     ls, lt = torch.randn(b, s, v, generator=g), torch.randn(b, s, v, generator=g)
     mask = torch.ones(b, s)
     mask[0, s - 1] = 0
-    total, terms = _bound(kl=1.0, temperature=temperature)({"attention_mask": mask}, {"logits": ls}, {}, {"logits": lt}, {})
+    total, terms = _bound(kl=1.0, temperature=temperature)(
+        {"attention_mask": mask}, {"logits": ls}, {}, {"logits": lt}, {}
+    )
     want, n = 0.0, 0
     for i in range(b):
         for j in range(s):
             if mask[i, j]:
                 p = torch.softmax(lt[i, j] / temperature, -1)
                 q = torch.softmax(ls[i, j] / temperature, -1)
-                want += float((p * (p.log() - q.log())).sum()) * temperature ** 2
+                want += float((p * (p.log() - q.log())).sum()) * temperature**2
                 n += 1
     assert float(total) == pytest.approx(want / n, rel=1e-4, abs=1e-6)
     assert terms["kl"] == pytest.approx(want / n, rel=1e-4, abs=1e-6)
@@ -49,7 +52,9 @@ def test_hidden_mse_cos_with_mask_and_denominator():
     assert terms["hidden_cos"] == pytest.approx(cos, rel=1e-6)
     assert float(total) == pytest.approx(2 * mse + cos, rel=1e-6)
     # a caller-given denominator (the trainer's global token count) replaces the local count
-    _, terms = loss({"attention_mask": mask}, None, {"[post]a": hs}, None, {"[post]b": ht}, denom={"tok": 4.0, "lm": 1, "ex": 1})
+    _, terms = loss(
+        {"attention_mask": mask}, None, {"[post]a": hs}, None, {"[post]b": ht}, denom={"tok": 4.0, "lm": 1, "ex": 1}
+    )
     assert terms["hidden_mse"] == pytest.approx(mse * 2 / 4)
 
 
@@ -90,7 +95,7 @@ def _gqa_reference(q, k, heads, mask, causal):
             kh = h // group
             for i in range(seq):
                 seen = [j for j in range(seq) if mask[b, j] and (not causal or j <= i)]
-                logits = torch.stack([q[b, i, h * d:(h + 1) * d] @ k[b, j, kh * d:(kh + 1) * d] for j in seen])
+                logits = torch.stack([q[b, i, h * d : (h + 1) * d] @ k[b, j, kh * d : (kh + 1) * d] for j in seen])
                 out[b, h, i, seen] = torch.softmax(logits / math.sqrt(d), -1)
     return out
 
@@ -107,8 +112,9 @@ def test_gqa_keys_are_shared_by_consecutive_query_heads(causal):
     qt, kt = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
     names_s, names_t = ("[post]s.q", "[post]s.k", "[post]s.v"), ("[post]t.q", "[post]t.k", "[post]t.v")
     loss = _bound(qkv=[(names_s, names_t)], heads=6, attention=1.0, causal=causal)
-    _, terms = loss({"attention_mask": mask}, None, dict(zip(names_s, (q, k, k))), None,
-                    dict(zip(names_t, (qt, kt, kt))))
+    _, terms = loss(
+        {"attention_mask": mask}, None, dict(zip(names_s, (q, k, k))), None, dict(zip(names_t, (qt, kt, kt)))
+    )
     ps, pt = want, _gqa_reference(qt, kt, 6, mask, causal)
     kl = (pt * (pt.clamp_min(1e-30).log() - ps.clamp_min(1e-30).log())).sum(-1).mean(1)  # [B, S], per query
     assert terms["attention"] == pytest.approx(float((kl * mask).sum() / mask.sum()), rel=1e-4)
@@ -126,15 +132,17 @@ def test_lm_loss_is_cross_entropy_on_shifted_tokens():
 
 
 def test_bind_maps_layers_and_trains_projection():
-    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
+    from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
     student = compile(tiny_model("bert", num_hidden_layers=2), [], x)
     teacher = tiny_model("bert", seed=1, num_hidden_layers=4, hidden_size=48, intermediate_size=96)
     loss = DistillLoss(hidden_mse=1.0, attention=1.0).bind(student, teacher, x)
-    assert loss.hidden_pairs == [("[post]encoder.layer.0", "[post]encoder.layer.1"),
-                                 ("[post]encoder.layer.1", "[post]encoder.layer.3")]
+    assert loss.hidden_pairs == [
+        ("[post]encoder.layer.0", "[post]encoder.layer.1"),
+        ("[post]encoder.layer.1", "[post]encoder.layer.3"),
+    ]
     assert len(loss.proj) == 2 and loss.heads == 4
     from fxcook.taps import run_with_taps
 
@@ -144,13 +152,14 @@ def test_bind_maps_layers_and_trains_projection():
     total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.proj.parameters())
     last = DistillLoss(hidden_cos=1.0, layer_map="last_k", last_k=1).bind(
-        compile(tiny_model("bert"), [], x), tiny_model("bert", seed=2, num_hidden_layers=3), x)
+        compile(tiny_model("bert"), [], x), tiny_model("bert", seed=2, num_hidden_layers=3), x
+    )
     assert last.hidden_pairs == [("[post]encoder.layer.1", "[post]encoder.layer.2")]
 
 
 def test_bad_inputs_give_clear_errors():
-    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
+    from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
     with pytest.raises(FxcookError, match="every term weight is 0"):
@@ -163,4 +172,6 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(FxcookError, match="need a teacher"):
         DistillLoss(kl=1.0).bind(compile(tiny_model("bert"), [], x), None, x)
     with pytest.raises(PreconditionError, match="no logits"):
-        _bound(kl=1.0)(x, {"last_hidden_state": torch.zeros(2, 8, 4)}, {}, {"last_hidden_state": torch.zeros(2, 8, 4)}, {})
+        _bound(kl=1.0)(
+            x, {"last_hidden_state": torch.zeros(2, 8, 4)}, {}, {"last_hidden_state": torch.zeros(2, 8, 4)}, {}
+        )

@@ -5,6 +5,7 @@ per block, the losses of distillation through a learned projection (student widt
 equal one process's on the same global batches, each rank holds about half the parameter bytes,
 and a 2-rank run resumed from its step-2 checkpoint continues with the same losses.
 """
+
 import json
 import os
 
@@ -16,15 +17,17 @@ STEPS, BATCH = 4, 8
 
 
 def _setup():
-    from fxcook.training.losses import DistillLoss
-    from fxcook.testing import tiny_inputs, tiny_model
     from fxcook.pipeline import compile
+    from fxcook.testing import tiny_inputs, tiny_model
+    from fxcook.training.losses import DistillLoss
 
     teacher = tiny_model("llama", seed=1, hidden_size=48)
     student = compile(tiny_model("llama", seed=0), [], tiny_inputs("llama"))
     g = torch.Generator().manual_seed(0)
-    data = {"input_ids": torch.randint(1, 128, (48, 10), generator=g),
-            "attention_mask": torch.ones(48, 10, dtype=torch.long)}
+    data = {
+        "input_ids": torch.randint(1, 128, (48, 10), generator=g),
+        "attention_mask": torch.ones(48, 10, dtype=torch.long),
+    }
     data["attention_mask"][::3, 6:] = 0  # uneven padding across ranks
     loss = DistillLoss(kl=1.0, hidden_mse=1.0, hidden_cos=0.5, temperature=2.0)
     return student, teacher, data, loss
@@ -61,8 +64,17 @@ def _worker(rank: int, tmp: str):
     student2, teacher2, data2, loss2 = _setup()
     resumed = train(student2, teacher2, data2, loss2, **_kw(f"{tmp}/resume"))
     with open(f"{tmp}/rank{rank}.json", "w") as f:
-        json.dump({"losses": result.losses, "sharded": sharded, "proj": has_proj, "bytes": mine,
-                   "resumed": resumed.losses, "resumed_from": resumed.resumed_from}, f)
+        json.dump(
+            {
+                "losses": result.losses,
+                "sharded": sharded,
+                "proj": has_proj,
+                "bytes": mine,
+                "resumed": resumed.losses,
+                "resumed_from": resumed.resumed_from,
+            },
+            f,
+        )
     dist.destroy_process_group()
 
 

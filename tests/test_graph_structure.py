@@ -1,19 +1,20 @@
 """Before/Expected structural tests of the graph rewrites: the expected graph is built by hand from
 the graph before the pass and compared node by node (op, target, arguments, users) with the result;
 outputs are checked numerically as well."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-from fxcook.passes import Moefy, Quantize, Relufy, Tap
-from fxcook.passes.moefy.routed import MoEFFN
-from fxcook.passes.quantize.experts import grouped_gemm_ops
 from graphs import DROP, assert_same_graph, rebuilt
 from torch import nn
 
 import fxcook
+from fxcook.passes import Moefy, Quantize, Relufy, Tap
+from fxcook.passes.moefy.routed import MoEFFN
+from fxcook.passes.quantize.experts import grouped_gemm_ops
 from fxcook.testing import tiny_inputs, tiny_model
 
 

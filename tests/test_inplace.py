@@ -1,4 +1,5 @@
 """`inplace`: with it the cooked model shares the original's parameters; without it the original never changes."""
+
 import pytest
 import torch
 
@@ -18,7 +19,9 @@ def _storages(module: torch.nn.Module) -> set[int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inplace_shares_every_parameter_with_the_original(family, entry):
     model, x = tiny_model(family), tiny_inputs(family)
-    cooked = fxcook.capture(model, x, inplace=True) if entry == "capture" else fxcook.compile(model, [], x, inplace=True)
+    cooked = (
+        fxcook.capture(model, x, inplace=True) if entry == "capture" else fxcook.compile(model, [], x, inplace=True)
+    )
     params = dict(model.named_parameters())
     shared = dict(cooked.named_parameters())
     assert shared.keys() == params.keys()

@@ -4,6 +4,7 @@ At every hand-off the next step must compute what the previous one wrote: the sa
 in-process compile computes, ONNX Runtime what the loaded model computes, the trained artifact what
 training left (masks kept, weights moved). On a tiny BERT and on the real MiniLM.
 """
+
 import json
 
 import pytest
@@ -14,8 +15,8 @@ from fxcook.artifact import load_tokenizer
 from fxcook.cli import main
 from fxcook.data import calibration_for, shakespeare_lines
 from fxcook.models import example_batch, load_model
-from fxcook.testing import save_tiny_pretrained
 from fxcook.runtime.onnx import OrtModel
+from fxcook.testing import save_tiny_pretrained
 
 RECIPE = """passes:
   - sparsify: {pattern: "2:4", method: wanda}
@@ -64,8 +65,9 @@ def test_compress_train_save_load_export(model_name, tmp_path):
 
     # compress: the artifact computes what an in-process compile of the same recipe computes
     compressed = tmp_path / "compressed"
-    assert main(["compress", "--model", model_name, "--recipe", str(recipe_path), "--out", str(compressed),
-                 "--onnx"]) == 0
+    assert (
+        main(["compress", "--model", model_name, "--recipe", str(recipe_path), "--out", str(compressed), "--onnx"]) == 0
+    )
     recipe = fxcook.load_recipe(recipe_path)
     calibration = calibration_for(recipe, tok)
     reference = fxcook.compile(original, recipe.build(calibration=calibration), example_inputs=calibration[0])
@@ -78,9 +80,33 @@ def test_compress_train_save_load_export(model_name, tmp_path):
 
     # train the saved model further, distilling from the original
     trained_run = tmp_path / "trained"
-    assert main(["train", "--model", str(compressed), "--teacher", model_name, "--out", str(trained_run),
-                 "--steps", "3", "--batch-size", "4", "--lines", "24", "--eval-lines", "8", "--max-length", "24",
-                 "--lr", "1e-3", "--onnx"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(compressed),
+                "--teacher",
+                model_name,
+                "--out",
+                str(trained_run),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--lines",
+                "24",
+                "--eval-lines",
+                "8",
+                "--max-length",
+                "24",
+                "--lr",
+                "1e-3",
+                "--onnx",
+            ]
+        )
+        == 0
+    )
     assert json.loads((trained_run / "results.json").read_text())["steps"] == 3
     trained = fxcook.load(trained_run / "model")
     assert not torch.allclose(_hidden(trained, batch), _hidden(loaded, batch), atol=1e-4), "training changed nothing"

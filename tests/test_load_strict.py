@@ -1,5 +1,6 @@
 """Strict, atomic loading: a checkpoint that does not fit is an error naming the keys, and the model
 is bit-identical after a refused load; a damaged artifact is an error naming the file."""
+
 import json
 
 import pytest
@@ -9,8 +10,8 @@ from safetensors.torch import load_file, save_file
 import fxcook
 from fxcook.checkpoint import CheckpointError, load_quantized, save_quantized
 from fxcook.manifest import ManifestError
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Quantize, Sparsify
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 def compiled(passes=(), seed=0, layers=2, family="bert"):
@@ -62,7 +63,9 @@ def test_a_checkpoint_of_another_recipe_is_refused(two_layer, tmp_path):
     sparse = save_quantized(compiled([Sparsify(), Quantize()]), tmp_path / "sparse.safetensors")
     quantized = compiled([Quantize()], seed=4)
     before = snapshot(quantized)
-    with pytest.raises(CheckpointError, match=r"unexpected key encoder\.layer\.0\.attention\.output\.dense\.weight_mask"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected key encoder\.layer\.0\.attention\.output\.dense\.weight_mask"
+    ):
         load_quantized(quantized, sparse)
     assert_untouched(quantized, before)
     tensors = load_file(str(two_layer))

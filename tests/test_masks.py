@@ -1,4 +1,5 @@
 """Properties of the mask methods and the 2:4 checkers (pure tensor code, no model needed)."""
+
 import numpy as np
 import onnx
 import pytest

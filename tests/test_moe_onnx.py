@@ -1,27 +1,29 @@
 """ONNX lowering of routed FFNs: com.microsoft.MoE / QMoE in ONNX Runtime match the torch module."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import Phase, given, settings, strategies as st
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from strategies import assert_ort_matches_int8
 
 import fxcook
 from fxcook.errors import NotSupportedYet
-from fxcook.testing import tiny_inputs, tiny_model
-from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 from fxcook.nn import CookedLinear
-from fxcook.runtime.onnx.translations import load_all
 from fxcook.passes import Moefy, Quantize, Relufy
+from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
 from fxcook.passes.quantize.quantizers import WeightQuant
 from fxcook.runtime.onnx import export, session
-from strategies import assert_ort_matches_int8
+from fxcook.runtime.onnx.translations import load_all
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 def _moe(d, width, experts, k, gated, act, int8, seed):
     g = torch.Generator().manual_seed(seed)
-    lin = lambda o, i: CookedLinear(torch.randn(o, i, generator=g) / i ** 0.5, torch.randn(o, generator=g) * 0.1)
+    lin = lambda o, i: CookedLinear(torch.randn(o, i, generator=g) / i**0.5, torch.randn(o, generator=g) * 0.1)
     up, down, gate = lin(width, d), lin(d, width), (lin(width, d) if gated else None)
     if int8:
         for m in (up, down, gate):
@@ -32,8 +34,13 @@ def _moe(d, width, experts, k, gated, act, int8, seed):
 
 
 @settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-@given(experts=st.sampled_from([2, 4, 8]), k=st.integers(1, 8), gated=st.booleans(), int8=st.booleans(),
-       seed=st.integers(0, 50))
+@given(
+    experts=st.sampled_from([2, 4, 8]),
+    k=st.integers(1, 8),
+    gated=st.booleans(),
+    int8=st.booleans(),
+    seed=st.integers(0, 50),
+)
 def test_ort_moe_matches_torch(tmp_path_factory, experts, k, gated, int8, seed):
     k = min(k, experts)
     act = "silu" if gated else "relu"
@@ -52,21 +59,31 @@ def test_ort_moe_matches_torch(tmp_path_factory, experts, k, gated, int8, seed):
 def test_moefied_model_exports_and_runs_in_ort(tmp_path):
     """A whole tiny BERT after Relufy + Quantize(weights) + Moefy runs routed experts (QMoE) in ORT."""
     model, inputs = tiny_model("bert", seed=2), tiny_inputs("bert", seed=2)
-    cooked = fxcook.compile(model, [Relufy(), Quantize(weights="int8/channel", acts=None),
-                                    Moefy(calibration=[inputs], experts=4, top_k=2, epochs=3)], example_inputs=inputs)
+    cooked = fxcook.compile(
+        model,
+        [
+            Relufy(),
+            Quantize(weights="int8/channel", acts=None),
+            Moefy(calibration=[inputs], experts=4, top_k=2, epochs=3),
+        ],
+        example_inputs=inputs,
+    )
     path = export(cooked, tmp_path / "bert_moe.onnx", inputs)
     ops = [n.op_type for n in __import__("onnx").load(str(path)).graph.node]
     assert ops.count("QMoE") == 2
     sess = session(path)
     names = [i.name for i in sess.get_inputs()]
     got = sess.run(None, {n: inputs[n].numpy() for n in names})[0]
-    unquantized = fxcook.compile(model, [Relufy(), Moefy(calibration=[inputs], experts=4, top_k=2, epochs=3)],
-                                 example_inputs=inputs)
+    unquantized = fxcook.compile(
+        model, [Relufy(), Moefy(calibration=[inputs], experts=4, top_k=2, epochs=3)], example_inputs=inputs
+    )
     with torch.no_grad():
         assert_ort_matches_int8(got, cooked(**inputs).last_hidden_state, unquantized(**inputs).last_hidden_state)
 
 
-@pytest.mark.parametrize("gated, act, words", [(True, "relu", "only has SwiGLU"), (False, "gelu", "tanh approximation")])
+@pytest.mark.parametrize(
+    "gated, act, words", [(True, "relu", "only has SwiGLU"), (False, "gelu", "tanh approximation")]
+)
 def test_unsupported_activation_is_a_clear_error(tmp_path, gated, act, words):
     moe = _moe(16, 32, 4, 2, gated, act, False, 0)  # ReLU-gated / exact-erf GELU have no ORT MoE form
     with pytest.raises(NotSupportedYet, match=words):

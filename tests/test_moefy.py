@@ -1,4 +1,5 @@
 """Moefy: exact with all experts, routed compute equals the masked-FFN semantics, clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,9 +18,13 @@ from fxcook.tracing import main_output
 
 
 @settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-@given(family=st.sampled_from(["bert", "gpt2", "t5", "llama"]), experts=st.sampled_from([2, 4, 8, 16]),
-       router=st.sampled_from(["oracle", "mlp"]), method=st.sampled_from(["kmeans", "coactivation"]),
-       seed=st.integers(0, 3))
+@given(
+    family=st.sampled_from(["bert", "gpt2", "t5", "llama"]),
+    experts=st.sampled_from([2, 4, 8, 16]),
+    router=st.sampled_from(["oracle", "mlp"]),
+    method=st.sampled_from(["kmeans", "coactivation"]),
+    seed=st.integers(0, 3),
+)
 def test_all_experts_reproduce_the_model(family, experts, router, method, seed):
     model, inputs = tiny_model(family, seed=seed), tiny_inputs(family, seed=seed)
     other = tiny_inputs(family, batch=3, seq=5, seed=seed + 1)  # dynamic shapes still work
@@ -38,13 +43,18 @@ def test_all_experts_reproduce_the_model(family, experts, router, method, seed):
 
 def _ffn(d=16, width=32, gated=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    lin = lambda o, i: CookedLinear(torch.randn(o, i, generator=g) / i ** 0.5, torch.randn(o, generator=g) * 0.1)
+    lin = lambda o, i: CookedLinear(torch.randn(o, i, generator=g) / i**0.5, torch.randn(o, generator=g) * 0.1)
     return lin(width, d), lin(d, width), (lin(width, d) if gated else None)
 
 
 @settings(max_examples=20, deadline=None)
-@given(experts=st.sampled_from([2, 4, 8]), k=st.integers(1, 8), gated=st.booleans(),
-       act=st.sampled_from(["relu", "silu", "gelu"]), seed=st.integers(0, 100))
+@given(
+    experts=st.sampled_from([2, 4, 8]),
+    k=st.integers(1, 8),
+    gated=st.booleans(),
+    act=st.sampled_from(["relu", "silu", "gelu"]),
+    seed=st.integers(0, 100),
+)
 def test_routed_topk_equals_masked_dense_ffn(experts, k, gated, act, seed):
     """Only the chosen experts run, and the result is the dense FFN with the others' neurons zeroed."""
     k = min(k, experts)

@@ -1,13 +1,15 @@
 """fxcook's attention translation: no NaN guard in the graph, outputs identical to the stock one."""
+
 import numpy as np
 import onnx
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxcook
-from fxcook.testing import tiny_inputs, tiny_model
-from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, load_all
 from fxcook.runtime import onnx as fxonnx
+from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, load_all
+from fxcook.testing import tiny_inputs, tiny_model
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 

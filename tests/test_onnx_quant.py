@@ -1,19 +1,21 @@
 """ONNX lowering of Quantize: integer GEMMs fused by ONNX Runtime, outputs equal to torch fake-quant."""
+
 from collections import Counter
 
 import onnx
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import assert_ort_matches_int8
 
 import fxcook
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize
 from fxcook.passes.quantize.quantize import _input_of
 from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TokenQuant
 from fxcook.runtime import onnx as fxonnx
-from strategies import assert_ort_matches_int8
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 def run_ort(path, x):
@@ -42,8 +44,11 @@ def test_ort_fuses_every_gemm_and_matches_fake_quant(tmp_path_factory, cfg, seed
     ops = fxonnx.optimized_ops(path)
     if cfg.get("acts") == "int8/tensor":
         # static: ORT does not fuse a Q/DQ pair shared by several GEMMs (q, k, v read one input)
-        shared = Counter(_input_of(cooked, p) for p, m in cooked.named_modules()
-                         if isinstance(m, CookedLinear) and m.input_quant is not None)
+        shared = Counter(
+            _input_of(cooked, p)
+            for p, m in cooked.named_modules()
+            if isinstance(m, CookedLinear) and m.input_quant is not None
+        )
         assert fxonnx.integer_gemms(path) == sum(1 for v in shared.values() if v == 1), ops
     else:
         assert fxonnx.integer_gemms(path) == n_act_quantized(cooked), ops

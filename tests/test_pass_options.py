@@ -1,17 +1,23 @@
 """Pass options are keyword-only: a positional option is an error naming the pass, never read as
 calibration data."""
+
 import pytest
 
 from fxcook.errors import FxcookError
-from fxcook.testing import tiny_inputs
 from fxcook.passbase import PassOptionError
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
+from fxcook.testing import tiny_inputs
 
 
-@pytest.mark.parametrize(("cls", "arg", "hint"), [
-    (Sparsify, "3:4", "pattern='3:4'"), (Quantize, "int4/channel", "weights='int4/channel'"),
-    (Moefy, 8, "experts=8"), (Relufy, "ffn", "select='ffn'"),
-])
+@pytest.mark.parametrize(
+    ("cls", "arg", "hint"),
+    [
+        (Sparsify, "3:4", "pattern='3:4'"),
+        (Quantize, "int4/channel", "weights='int4/channel'"),
+        (Moefy, 8, "experts=8"),
+        (Relufy, "ffn", "select='ffn'"),
+    ],
+)
 def test_positional_options_are_refused_by_name(cls, arg, hint):
     with pytest.raises(PassOptionError, match=rf"{cls.__name__}: pass options are keyword-only") as err:
         cls(arg)

@@ -1,4 +1,5 @@
 """Selectors, the pass protocol and the pipeline: ordering, errors naming passes, change logs."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -76,8 +77,16 @@ def test_selector_nothing_matched_lists_nearest(llama):
         Select(include="mlp.up_prj").resolve(cooked)
     assert "mlp.up_prj" in str(err.value) and "model.layers.0.mlp.up_proj" in str(err.value)
     assert [s.path for s in Select(include="re:layers\\.1\\..*proj$", exclude="*o_proj").resolve(cooked)] == [
-        f"model.layers.1.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        f"model.layers.1.{n}"
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
     assert len(Select(scope="all").resolve(cooked)) == len(Select().resolve(cooked)) + 1  # lm_head
     assert len(Select(kind="ffn", include="mlp.down_proj").resolve(cooked)) == 2
     with pytest.raises(ValueError, match="unknown site kind"):
@@ -85,7 +94,11 @@ def test_selector_nothing_matched_lists_nearest(llama):
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.sampled_from(["encoder", "layer", "0", "1", "intermediate", "dense", "attention"]), min_size=1, max_size=5))
+@given(
+    st.lists(
+        st.sampled_from(["encoder", "layer", "0", "1", "intermediate", "dense", "attention"]), min_size=1, max_size=5
+    )
+)
 def test_suffix_glob_semantics(parts):
     path = ".".join(parts)
     assert match(path, path) and match("*", path)

@@ -1,12 +1,13 @@
 """Every compression is visible in the printed graph: each changed node carries what was done to it."""
+
 from __future__ import annotations
 
 import pytest
-from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 
 import fxcook
 from fxcook.cli import main
 from fxcook.nn import CookedLinear
+from fxcook.passes import Moefy, Quantize, Relufy, Sparsify, Tap
 from fxcook.taps import TapPoint
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import call_sites
@@ -17,8 +18,11 @@ QUANT_24 = "QuantLinear int8/channel x int8/token, 2:4 mask (wanda), density 0.5
 def notes_of(cooked, cls) -> dict[str, list[str | None]]:
     """Module path -> the notes of its call nodes, for every module of type `cls` a graph calls."""
     notes = cooked.graph_notes()
-    return {path: [notes.get(f"{c.owner}/{c.node.name}") for c in calls]
-            for path, calls in call_sites(cooked).items() if isinstance(cooked.get_submodule(path), cls)}
+    return {
+        path: [notes.get(f"{c.owner}/{c.node.name}") for c in calls]
+        for path, calls in call_sites(cooked).items()
+        if isinstance(cooked.get_submodule(path), cls)
+    }
 
 
 def compile_bert(passes):
@@ -47,8 +51,10 @@ def test_every_quantized_linear_node_is_annotated(sparse_quant):
     text = sparse_quant.graph_text()
     for path in quantized:
         owner, _, name = path.rpartition(".")
-        assert any(line.endswith(f"  # {QUANT_24}") and f"call_module[target={name}]" in line
-                   for line in text.split(f"graph {owner}:")[1].split("\ngraph ")[0].splitlines()), path
+        assert any(
+            line.endswith(f"  # {QUANT_24}") and f"call_module[target={name}]" in line
+            for line in text.split(f"graph {owner}:")[1].split("\ngraph ")[0].splitlines()
+        ), path
 
 
 def test_print_graph_prints_graph_text(sparse_quant, capsys):
@@ -64,7 +70,8 @@ def test_moefy_annotates_each_ffn():
     for site in ffns:
         (call,) = call_sites(cooked)[site.info["moe"]]
         assert notes[f"{call.owner}/{call.node.name}"] == (
-            "MoE 2/4 experts, oracle router; up int8/channel x int8/token; down int8/channel x int8/token")
+            "MoE 2/4 experts, oracle router; up int8/channel x int8/token; down int8/channel x int8/token"
+        )
         for key in ("act", "down"):  # split form: the calls left behind compute nothing
             (left,) = call_sites(cooked)[site.info[key]]
             assert notes[f"{left.owner}/{left.node.name}"] == "Identity (computed elsewhere since a pass)"
@@ -85,7 +92,10 @@ def test_tap_nodes_are_annotated():
     for path, notes in taps.items():
         assert notes == [f"tap {cooked.get_submodule(path).tap}"]
     assert {n for ns in taps.values() for n in ns} == {
-        "tap [post]encoder.layer.0", "tap [post]encoder.layer.1", "tap [pre]pooler"}
+        "tap [post]encoder.layer.0",
+        "tap [post]encoder.layer.1",
+        "tap [pre]pooler",
+    }
 
 
 def test_inspect_graph_of_a_saved_model(sparse_quant, tmp_path, capsys):

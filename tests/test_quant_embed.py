@@ -1,16 +1,18 @@
 """int8 embedding tables: per-row weight-only quantization, tied heads, ONNX Gather on int8."""
+
 import numpy as np
 import onnx
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxcook
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedEmbedding, CookedLinear
 from fxcook.passes import Quantize
 from fxcook.passes.quantize.embeddings import cook_embeddings
 from fxcook.runtime import onnx as fxonnx
+from fxcook.testing import tiny_inputs, tiny_model
 
 
 def embeddings(cooked):
@@ -33,8 +35,7 @@ def test_embeddings_are_off_by_default_and_per_row_int8_when_asked():
     assert not embeddings(fxcook.compile(model, [Quantize()], example_inputs=x))
     cooked = fxcook.compile(model, [Quantize(embeddings=True)], example_inputs=x)
     found = embeddings(cooked)
-    assert {p.rsplit(".", 1)[-1] for p in found} == {"word_embeddings", "position_embeddings",
-                                                    "token_type_embeddings"}
+    assert {p.rsplit(".", 1)[-1] for p in found} == {"word_embeddings", "position_embeddings", "token_type_embeddings"}
     for emb in found.values():
         codes, scale = emb.weight_quant.quantize(emb.weight)
         assert codes.dtype == torch.int8 and codes.abs().max() <= 127 and scale.shape == (emb.weight.shape[0],)
@@ -63,8 +64,10 @@ def test_onnx_gathers_int8_rows_and_matches_torch(tmp_path):
     gathers = [n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits]
     int8_tables = [n for n in gathers if inits[n.input[0]].data_type == onnx.TensorProto.INT8]
     assert len(int8_tables) == 3, [(n.input[0], inits[n.input[0]].data_type) for n in gathers]
-    assert not any(inits[n.input[0]].data_type == onnx.TensorProto.FLOAT and list(inits[n.input[0]].dims) == [128, 32]
-                   for n in gathers)  # no fp32 vocabulary table left
+    assert not any(
+        inits[n.input[0]].data_type == onnx.TensorProto.FLOAT and list(inits[n.input[0]].dims) == [128, 32]
+        for n in gathers
+    )  # no fp32 vocabulary table left
     x2 = tiny_inputs("bert", batch=3, seq=5, seed=9, pad=2)
     with torch.no_grad():
         ref = cooked(**x2).last_hidden_state.numpy()

@@ -1,29 +1,30 @@
 """Quantize on HF MoE expert matmuls (expert_bmm sites): fake-quant math, graph rewrite, QAT,
 selection, ONNX lowering and quantized checkpoints, on tiny Mixtral and Qwen2-MoE."""
+
 import copy
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from fxcook.passes import Quantize
-from fxcook.runtime.onnx import export, session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from strategies import assert_ort_matches_int8
 
 import fxcook
 from fxcook.checkpoint import load_quantized, save_quantized
 from fxcook.errors import NotSupportedYet, PassError
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear, param_quants
-from fxcook.pipeline import apply
-from fxcook.passes.quantize.quantizers import TensorQuant, TokenQuant
+from fxcook.passes import Quantize
 from fxcook.passes.quantize.experts import (
     ExpertInputQuant,
     ExpertWeightQuant,
 )
-from strategies import assert_ort_matches_int8
+from fxcook.passes.quantize.quantizers import TensorQuant, TokenQuant
+from fxcook.pipeline import apply
+from fxcook.runtime.onnx import export, session
+from fxcook.testing import tiny_inputs, tiny_model
 
 FAMILIES = ("mixtral", "qwen2_moe")
 
@@ -57,8 +58,15 @@ def graph_code(cooked):
 
 
 @settings(max_examples=25, deadline=None)
-@given(experts=st.integers(1, 4), out=st.integers(1, 6), inp=st.sampled_from([4, 8, 12]), reduce_dim=st.sampled_from([1, 2]),
-       bits=st.sampled_from([4, 8]), group=st.sampled_from([None, 4]), seed=st.integers(0, 10_000))
+@given(
+    experts=st.integers(1, 4),
+    out=st.integers(1, 6),
+    inp=st.sampled_from([4, 8, 12]),
+    reduce_dim=st.sampled_from([1, 2]),
+    bits=st.sampled_from([4, 8]),
+    group=st.sampled_from([None, 4]),
+    seed=st.integers(0, 10_000),
+)
 def test_expert_weight_codes_and_rounding_error(experts, out, inp, reduce_dim, bits, group, seed):
     g = torch.Generator().manual_seed(seed)
     canon = torch.randn(experts, out, inp, generator=g) * torch.rand(experts, out, 1, generator=g) * 3
@@ -158,8 +166,10 @@ def test_experts_false_leaves_experts_alone_and_linears_as_before(captured, fami
 
 def test_exclude_patterns_select_expert_weights_by_parameter_path(captured):
     cooked, _ = quantized(captured, "mixtral", exclude=["*.layers.1.*"])
-    assert sorted(param_quants(cooked)) == ["model.layers.0.mlp.experts.down_proj",
-                                                    "model.layers.0.mlp.experts.gate_up_proj"]
+    assert sorted(param_quants(cooked)) == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.experts.gate_up_proj",
+    ]
     cooked, _ = quantized(captured, "mixtral", exclude=["*.experts.down_proj"])
     assert all(p.endswith("gate_up_proj") for p in param_quants(cooked))
 
@@ -184,9 +194,16 @@ def _ort_logits(path, x):
     return torch.from_numpy(sess.run(None, {i.name: x[i.name].numpy() for i in sess.get_inputs()})[0])
 
 
-@pytest.mark.parametrize("family,acts", [("mixtral", "int8/token"), ("qwen2_moe", "int8/token"),
-                                         ("mixtral", None), ("qwen2_moe", "int8/tensor/dynamic"),
-                                         ("mixtral", "int8/tensor")])
+@pytest.mark.parametrize(
+    "family,acts",
+    [
+        ("mixtral", "int8/token"),
+        ("qwen2_moe", "int8/token"),
+        ("mixtral", None),
+        ("qwen2_moe", "int8/tensor/dynamic"),
+        ("mixtral", "int8/tensor"),
+    ],
+)
 def test_onnx_export_stores_int8_experts_and_matches_torch(captured, tmp_path, family, acts):
     calib = [tiny_inputs(family, batch=2, seq=8, seed=s) for s in range(2)]
     cooked, x = quantized(captured, family, acts=acts, calibration=calib)

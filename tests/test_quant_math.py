@@ -1,12 +1,25 @@
 """Properties of the fake quantizers (fxcook.passes.quantize.quantizers) and the fxcook:: quant ops."""
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxcook.passes.quantize.ops  # noqa: F401  (registers torch.ops.fxcook.*)
 from fxcook.errors import FxcookError
-from fxcook.passes.quantize.quantizers import (ActSpec, DynamicTensorQuant, TensorQuant, TokenQuant, WeightQuant, act_quantizer,
-                          calibrate, fake_quant, parse_acts, parse_weights, qmax)
+from fxcook.passes.quantize.quantizers import (
+    ActSpec,
+    DynamicTensorQuant,
+    TensorQuant,
+    TokenQuant,
+    WeightQuant,
+    act_quantizer,
+    calibrate,
+    fake_quant,
+    parse_acts,
+    parse_weights,
+    qmax,
+)
 
 bits = st.integers(2, 8)
 shapes = st.tuples(st.integers(1, 8), st.integers(2, 24))
@@ -101,8 +114,12 @@ def test_integer_ops_match_fake_quant_within_one_step(seed, m, k, n):
     assert ((y - ref).abs() <= step + 1e-5).all()
     q = torch.ops.fxcook.quantize(x, torch.tensor([0.05]), 0, 8)
     assert q.dtype == torch.int8
-    torch.testing.assert_close(torch.ops.fxcook.dequantize(q, torch.tensor([0.05]), 0), fake_quant(x, torch.tensor(0.05), 8),
-                               atol=0.05 + 1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.ops.fxcook.dequantize(q, torch.tensor([0.05]), 0),
+        fake_quant(x, torch.tensor(0.05), 8),
+        atol=0.05 + 1e-6,
+        rtol=0,
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -132,12 +149,19 @@ def _ort_dynamic_quantize_matmul(x, qw_t, ws, b):
 
     k, n = qw_t.shape
     graph = helper.make_graph(
-        [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", "b"], ["y"], domain="com.microsoft")], "g",
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", "b"], ["y"], domain="com.microsoft")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-        [numpy_helper.from_array(qw_t.numpy(), "w"), numpy_helper.from_array(ws.numpy(), "s"),
-         numpy_helper.from_array(b.numpy(), "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+        [
+            numpy_helper.from_array(qw_t.numpy(), "w"),
+            numpy_helper.from_array(ws.numpy(), "s"),
+            numpy_helper.from_array(b.numpy(), "b"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
@@ -187,14 +211,16 @@ EDGE_CODES = [127, -127, 0, 2, 2, 0, -2, -2, 64, 64, 126, -126, 0, 0, 3, 0]  # r
 @settings(max_examples=20, deadline=None)
 @given(st.integers(-20, 100))
 def test_weight_ties_round_half_to_even_at_any_magnitude(exp):
-    mag = 2.0 ** exp
+    mag = 2.0**exp
     w = torch.tensor([EDGE_ROW, [0.0] * len(EDGE_ROW)]) * mag  # and an all-zero row
     wq = WeightQuant(8)
     codes, scale = wq.quantize(w)
     assert codes.dtype == torch.int8
     assert codes[0].tolist() == EDGE_CODES and codes[1].tolist() == [0] * len(EDGE_ROW)
     assert scale.tolist() == [mag, torch.tensor(1e-8).item()]  # a zero row gets the smallest scale, not 0
-    assert torch.equal(wq(w), torch.stack([torch.tensor(EDGE_CODES, dtype=torch.float32) * mag, torch.zeros(len(EDGE_ROW))]))
+    assert torch.equal(
+        wq(w), torch.stack([torch.tensor(EDGE_CODES, dtype=torch.float32) * mag, torch.zeros(len(EDGE_ROW))])
+    )
     assert torch.equal(torch.ops.fxcook.quantize(w, scale, 0, 8), codes)
 
 

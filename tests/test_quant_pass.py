@@ -1,4 +1,5 @@
 """The Quantize pass on captured models: what it selects, errors, QAT gradients, SmoothQuant."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -76,8 +77,9 @@ class Divide(torch.nn.Module):
 def test_smooth_down_proj_smooths_ffn_down_projections():
     model, x = bert(2)
     calib = [tiny_inputs("bert", batch=2, seq=8, seed=s) for s in range(2)]
-    cooked = fxcook.compile(model, [Quantize(calibration=calib, smoothquant=0.5, smooth_down_proj=True)],
-                            example_inputs=x)
+    cooked = fxcook.compile(
+        model, [Quantize(calibration=calib, smoothquant=0.5, smooth_down_proj=True)], example_inputs=x
+    )
     assert all(m.input_quant.smooth is not None for m in linears(cooked).values() if m.input_quant is not None)
 
 
@@ -94,10 +96,14 @@ def _masked_error(cooked, ref_model, batches):
 def test_sensitive_inputs_switch_whole_input_groups_and_lower_the_error(seed):
     model, x = bert(seed)
     calib = [tiny_inputs("bert", batch=2, seq=8, seed=seed + s, pad=3) for s in range(2)]
-    base = fxcook.compile(model, [Quantize(calibration=calib, acts="int8/tensor/dynamic", smoothquant=0.5)],
-                          example_inputs=x)
-    mixed = fxcook.compile(model, [Quantize(calibration=calib, acts="int8/tensor/dynamic", smoothquant=0.5,
-                                            sensitive_inputs=1)], example_inputs=x)
+    base = fxcook.compile(
+        model, [Quantize(calibration=calib, acts="int8/tensor/dynamic", smoothquant=0.5)], example_inputs=x
+    )
+    mixed = fxcook.compile(
+        model,
+        [Quantize(calibration=calib, acts="int8/tensor/dynamic", smoothquant=0.5, sensitive_inputs=1)],
+        example_inputs=x,
+    )
     token = {p for p, m in linears(mixed).items() if isinstance(m.input_quant, TokenQuant)}
     assert token, "one input group switches to per-token"
     att = [f"encoder.layer.{i}.attention.self." for i in range(2)]
@@ -133,8 +139,9 @@ def test_errors_name_the_key_or_pattern():
 
 def test_bmcook_style_include_and_weight_only_groups():
     model, x = bert()
-    cooked = fxcook.compile(model, [Quantize(include=["intermediate.dense"], weights="int4/group16", acts=None)],
-                            example_inputs=x)
+    cooked = fxcook.compile(
+        model, [Quantize(include=["intermediate.dense"], weights="int4/group16", acts=None)], example_inputs=x
+    )
     got = {p for p, m in linears(cooked).items() if m.weight_quant is not None}
     assert got == {f"encoder.layer.{i}.intermediate.dense" for i in range(2)}
     assert all(linears(cooked)[p].bits == 4 for p in got)

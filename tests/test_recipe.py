@@ -1,4 +1,5 @@
 """Recipes: validation errors name the key; BMCook configs import or refuse clearly."""
+
 import json
 from pathlib import Path
 
@@ -42,10 +43,12 @@ def test_bmcook_unknown_key_and_empty(tmp_path):
 
 
 def test_bmcook_maps_or_says_not_supported(tmp_path):
-    cfg = {"quantization": {"is_quant": True},
-           "pruning": {"is_pruning": True, "mask_method": "m4n2_1d"},
-           "MoEfication": {"is_moefy": False},
-           "distillation": {"ce_scale": 0, "mse_hidn_scale": 0}}
+    cfg = {
+        "quantization": {"is_quant": True},
+        "pruning": {"is_pruning": True, "mask_method": "m4n2_1d"},
+        "MoEfication": {"is_moefy": False},
+        "distillation": {"ce_scale": 0, "mse_hidn_scale": 0},
+    }
     path = write(tmp_path, "bmcook.json", json.dumps(cfg))
     missing = {"quantize", "sparsify"} - set(REGISTRY)
     if missing:
@@ -56,15 +59,17 @@ def test_bmcook_maps_or_says_not_supported(tmp_path):
         assert names == ["sparsify", "quantize"]
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("fxcook/recipes/*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].glob("fxcook/recipes/*.yaml")), ids=lambda p: p.name
+)
 def test_example_recipes_validate(path):
     recipe = load_recipe(path)
     assert recipe.passes and all(type(p).name in REGISTRY for p in recipe.build())
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("fxcook/recipes/*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].glob("fxcook/recipes/*.yaml")), ids=lambda p: p.name
+)
 def test_example_recipes_hand_calibration_to_every_data_pass(path):
     from fxcook.passbase import DataPass
 

@@ -1,4 +1,5 @@
 """Relufy: GELU/SiLU FFN activations become ReLU, exactly as if the model had been built with ReLU."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,7 @@ from fxcook.passes import Relufy
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import main_output
 
-RELU_CONFIG = {"bert": {"hidden_act": "relu"}, "gpt2": {"activation_function": "relu"},
-               "llama": {"hidden_act": "relu"}}
+RELU_CONFIG = {"bert": {"hidden_act": "relu"}, "gpt2": {"activation_function": "relu"}, "llama": {"hidden_act": "relu"}}
 
 
 @settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -39,8 +39,9 @@ def test_already_relu_is_left_alone():
 
 def test_selector_limits_the_sites():
     model, inputs = tiny_model("bert"), tiny_inputs("bert")
-    cooked = fxcook.compile(model, [Relufy(select={"kind": "ffn", "include": ["encoder.layer.0"]})],
-                            example_inputs=inputs)
+    cooked = fxcook.compile(
+        model, [Relufy(select={"kind": "ffn", "include": ["encoder.layer.0"]})], example_inputs=inputs
+    )
     acts = {s.path: s.info["act_op"] for s in cooked.sites.find("ffn")}
     assert acts == {"encoder.layer.0": "relu", "encoder.layer.1": "gelu"}
     with pytest.raises(fxcook.PassError, match="matched no ffn site"):

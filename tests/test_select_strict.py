@@ -1,4 +1,5 @@
 """Every selector pattern must match a site: a mistyped exclude is an error, never a rewrite of what it meant."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,8 +8,8 @@ from hypothesis import strategies as st
 import fxcook
 from fxcook import passes as P
 from fxcook.errors import PassError, SelectorError
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.select import Select, nearest
+from fxcook.testing import tiny_inputs, tiny_model
 
 LAYER0_FFN = "encoder.layer.0.intermediate.dense"
 
@@ -57,9 +58,9 @@ def test_nearest_ranks_the_intended_path_first(bert, data):
     paths = [s.path for s in cooked.sites.find("linear")]
     path = data.draw(st.sampled_from(paths))
     parts = path.split(".")
-    suffix = ".".join(parts[data.draw(st.integers(0, len(parts) - 1)):])
+    suffix = ".".join(parts[data.draw(st.integers(0, len(parts) - 1)) :])
     i = data.draw(st.integers(0, len(suffix) - 1))
-    typo = suffix[:i] + suffix[i + 1:]  # one character dropped
+    typo = suffix[:i] + suffix[i + 1 :]  # one character dropped
     best = nearest(typo, paths)[0]
     # the intended path, or (when the dropped character was the one telling layers apart, e.g. the "1" of
     # "1.attention.self.query") a path the typo is an exact suffix of

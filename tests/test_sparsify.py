@@ -1,4 +1,5 @@
 """Sparsify on captured models: 2:4 exactness, identity, gradients, optimizer steps, save/load, schedules."""
+
 import copy
 import io
 
@@ -37,7 +38,12 @@ def masked(model):
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.sampled_from(FAMILIES), st.sampled_from(["m4n2_1d", "m4n2_2d", "magnitude", "wanda"]), st.floats(0.0, 0.6), st.integers(0, 2**31 - 1))
+@given(
+    st.sampled_from(FAMILIES),
+    st.sampled_from(["m4n2_1d", "m4n2_2d", "magnitude", "wanda"]),
+    st.floats(0.0, 0.6),
+    st.integers(0, 2**31 - 1),
+)
 def test_exactly_two_of_four_kept_unless_already_zero(family, method, zero_frac, seed):
     model = cooked(family)
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +55,9 @@ def test_exactly_two_of_four_kept_unless_already_zero(family, method, zero_frac,
     calib = [tiny_inputs(family, seed=s) for s in range(2)] if method == "wanda" else None
     fxcook.apply(model, [Sparsify(method=method, calibration=calib)])
     layers = masked(model)
-    assert len(layers) == len(model.sites.find("linear")) - sum(model.sites.block_of(s.path) is None for s in model.sites.find("linear"))
+    assert len(layers) == len(model.sites.find("linear")) - sum(
+        model.sites.block_of(s.path) is None for s in model.sites.find("linear")
+    )
     for path, m in layers.items():
         groups = m.weight_mask.reshape(-1, 4)
         assert (groups.sum(1) == 2).all(), path
@@ -86,8 +94,11 @@ def test_masked_gradients_are_zero_and_steps_keep_zeros(family, opt_name, seed):
     layers = masked(model)
     masks = {p: m.weight_mask.clone() for p, m in layers.items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1) if opt_name == "adamw"
-           else torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1))
+    opt = (
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        if opt_name == "adamw"
+        else torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1)
+    )
     model.train()
     for step in range(3):
         opt.zero_grad()
@@ -127,6 +138,7 @@ def _eager_norms(calib):
         def fn(_m, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
+
         return fn
 
     for name, m in eager.named_modules():
@@ -183,8 +195,12 @@ def _zhu_gupta(step, start, end, initial, final):
 @pytest.mark.parametrize("start,end,initial,halfway", [(0, 10, 0.0, 0.7), (5, 25, 0.2, 0.725)])
 def test_schedule_sparsity_is_the_cubic_ramp(start, end, initial, halfway):
     model = cooked("bert")
-    p = Sparsify(pattern="unstructured", method="magnitude", sparsity=0.8,
-                 schedule={"start": start, "end": end, "every": 1, "initial": initial})
+    p = Sparsify(
+        pattern="unstructured",
+        method="magnitude",
+        sparsity=0.8,
+        schedule={"start": start, "end": end, "every": 1, "initial": initial},
+    )
     fxcook.apply(model, [p])
     for step in range(end + 5):
         assert p.state.sparsity_at(step) == pytest.approx(_zhu_gupta(step, start, end, initial, 0.8), abs=1e-12), step
@@ -248,8 +264,10 @@ def test_config_and_precondition_errors_name_the_key():
 
 def test_selection_and_repeated_sparsify_only_prune_further():
     model = cooked("bert")
-    fxcook.apply(model, [Sparsify(pattern="unstructured", method="magnitude", sparsity=0.3,
-                                  select={"include": "intermediate.dense"})])
+    fxcook.apply(
+        model,
+        [Sparsify(pattern="unstructured", method="magnitude", sparsity=0.3, select={"include": "intermediate.dense"})],
+    )
     first = {p: m.weight_mask.clone() for p, m in masked(model).items()}
     assert set(first) == {"encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"}
     fxcook.apply(model, [Sparsify(method="m4n2_1d", select={"include": "intermediate.dense"})])
@@ -272,6 +290,7 @@ def test_sequential_wanda_calibrates_each_block_on_pruned_predecessors():
         ref.get_submodule(p).set_mask(ms[p].weight_mask)
     norms = activation_norms(ref, paths1, calib, max_batches=8)
     from fxcook.passes.sparsify.masks import wanda
+
     for p in paths1:
         assert torch.equal(ms[p].weight_mask.bool(), wanda(ref.get_submodule(p).weight, norms[p]))
 

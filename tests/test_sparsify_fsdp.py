@@ -1,4 +1,5 @@
 """Sparsify under FSDP2 (2 gloo ranks on CPU): scheduled 2:4 recompute on sharded weights, masks kept."""
+
 import os
 import socket
 
@@ -19,15 +20,18 @@ def _worker(rank: int, port: int, results):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         import fxcook
-        from fxcook.passes.sparsify.masks import is_24
-        from fxcook.testing import tiny_inputs, tiny_model
         from fxcook.nn import CookedLinear
         from fxcook.passes.sparsify import Sparsify, update_masks
+        from fxcook.passes.sparsify.masks import is_24
+        from fxcook.testing import tiny_inputs, tiny_model
         from fxcook.training.distributed import shard
 
         torch.manual_seed(0)
-        model = fxcook.compile(tiny_model("llama"), [Sparsify(method="m4n2_1d", schedule={"start": 0, "end": 2, "every": 1})],
-                               example_inputs=tiny_inputs("llama"))
+        model = fxcook.compile(
+            tiny_model("llama"),
+            [Sparsify(method="m4n2_1d", schedule={"start": 0, "end": 2, "every": 1})],
+            example_inputs=tiny_inputs("llama"),
+        )
         model.train()
         shard(model, model.sites.blocks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

@@ -1,4 +1,5 @@
 """Sparsify composed with Quantize: order independence, exact zeros after int8, report, ONNX 2:4."""
+
 import copy
 
 import pytest
@@ -7,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxcook
-from fxcook.passes.sparsify.masks import is_24
-from fxcook.runtime.onnx.checks import validate_onnx_24
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify
+from fxcook.passes.sparsify.masks import is_24
+from fxcook.runtime.onnx.checks import validate_onnx_24
+from fxcook.testing import tiny_inputs, tiny_model
 
 RECIPE = "fxcook/recipes/int8_24.yaml"
 _BASE = {}
@@ -29,8 +30,10 @@ def linears(model):
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.sampled_from([("2:4", "m4n2_1d"), ("2:4", "m4n2_2d"), ("2:4", "wanda"), ("unstructured", "magnitude")]),
-       st.sampled_from(["int8/token", None]))
+@given(
+    st.sampled_from([("2:4", "m4n2_1d"), ("2:4", "m4n2_2d"), ("2:4", "wanda"), ("unstructured", "magnitude")]),
+    st.sampled_from(["int8/token", None]),
+)
 def test_order_does_not_matter_and_pruned_weights_stay_zero(spec, acts):
     pattern, method = spec
     calib = [tiny_inputs("bert", seed=s) for s in range(2)]

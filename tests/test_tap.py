@@ -1,4 +1,5 @@
 """Tap pass: output-identical insertion, values equal to eager hooks, spec syntax and errors."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +14,10 @@ from fxcook.tracing import main_output
 
 
 @settings(max_examples=6, deadline=None)
-@given(st.sampled_from(["bert", "gpt2", "llama", "t5", "mixtral"]).flatmap(lambda f: model_and_inputs(family=f)), st.booleans())
+@given(
+    st.sampled_from(["bert", "gpt2", "llama", "t5", "mixtral"]).flatmap(lambda f: model_and_inputs(family=f)),
+    st.booleans(),
+)
 def test_taps_never_change_outputs_and_match_eager(case, pre):
     fam, model, x, x2 = case
     cooked = compile(model, [], x)
@@ -33,13 +37,18 @@ def test_globs_pairs_and_collection_scope():
     from fxcook.testing import tiny_inputs, tiny_model
 
     x = tiny_inputs("bert")
-    cooked = compile(tiny_model("bert"), [Tap("[post]encoder.layer.*:[post]encoder.layer.*",
-                                              "[pre]encoder.layer.1.attention.self.query")], x)
+    cooked = compile(
+        tiny_model("bert"),
+        [Tap("[post]encoder.layer.*:[post]encoder.layer.*", "[pre]encoder.layer.1.attention.self.query")],
+        x,
+    )
     names = set(tap_points(cooked))
     assert names == {"[post]encoder.layer.0", "[post]encoder.layer.1", "[pre]encoder.layer.1.attention.self.query"}
     teacher = tiny_model("bert", num_hidden_layers=2)
     assert teacher_pairs(cooked, [p for p, _ in teacher.named_modules() if p]) == [
-        ("[post]encoder.layer.0", "[post]encoder.layer.0"), ("[post]encoder.layer.1", "[post]encoder.layer.1")]
+        ("[post]encoder.layer.0", "[post]encoder.layer.0"),
+        ("[post]encoder.layer.1", "[post]encoder.layer.1"),
+    ]
     with collect_taps(cooked) as taps:
         cooked(**x)
     assert taps["[pre]encoder.layer.1.attention.self.query"].shape[-1] == 32

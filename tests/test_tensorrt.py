@@ -1,5 +1,6 @@
 """TensorRT lowering: the exported static-int8 ONNX obeys TensorRT's explicit-quantization rules, and the
 torch-tensorrt path lowers a copy that computes what the CookedModel computes."""
+
 import importlib.util
 
 import onnx
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 import fxcook
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.passes import Quantize, Sparsify
 from fxcook.runtime import onnx as fxonnx
 from fxcook.runtime.tensorrt import build_engine, check_explicit_quantization, trt_lowered
+from fxcook.testing import tiny_inputs, tiny_model
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -57,8 +58,9 @@ def _fake_quantize_op(x, amax, num_bits, exponent_bits, unsigned, narrow_range):
 def test_trt_lowering_is_a_copy_that_matches_a_masked_smoothquant_model():
     calib = [tiny_inputs("bert", seed=s) for s in range(2)]
     model = tiny_model("bert", seed=4)
-    cooked = fxcook.compile(model, [Sparsify(), Quantize(acts="int8/tensor", smoothquant=0.8, calibration=calib)],
-                            example_inputs=calib[0])
+    cooked = fxcook.compile(
+        model, [Sparsify(), Quantize(acts="int8/tensor", smoothquant=0.8, calibration=calib)], example_inputs=calib[0]
+    )
     before = {k: v.clone() for k, v in cooked.state_dict().items()}
     types = {p: type(m) for p, m in cooked.named_modules()}
     low = trt_lowered(cooked, _fake_quantize_op)

@@ -1,4 +1,5 @@
 """The CUDA backend: int8 GEMM correctness (runs on CPU too), planning reasons, and 2:4 kernels on a GPU."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,11 +7,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxcook
-from fxcook.passes.sparsify.masks import m4n2_1d
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
 from fxcook.passes import Quantize, Sparsify
+from fxcook.passes.sparsify.masks import m4n2_1d
 from fxcook.runtime import torch_cuda as TC
+from fxcook.testing import tiny_inputs, tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,11 +26,21 @@ def _int8_bound(x, w):
     xs = x.abs().amax(-1, keepdim=True) / 127
     ws = w.abs().amax(-1, keepdim=True) / 127
     # |x w - xq wq| <= sum_k |x_k| ws/2 + |w_k| xs/2 + xs ws/4
-    return (x.abs() @ (ws / 2).expand_as(w).t()) + (xs / 2) @ w.abs().sum(1, keepdim=True).t() + xs * ws.t() * w.shape[1] / 4
+    return (
+        (x.abs() @ (ws / 2).expand_as(w).t())
+        + (xs / 2) @ w.abs().sum(1, keepdim=True).t()
+        + xs * ws.t() * w.shape[1] / 4
+    )
 
 
 @settings(max_examples=20, deadline=None)
-@given(m=st.integers(1, 40), k=st.sampled_from([8, 16, 64]), n=st.sampled_from([8, 24, 32]), seed=st.integers(0, 2**31 - 1), bias=st.booleans())
+@given(
+    m=st.integers(1, 40),
+    k=st.sampled_from([8, 16, 64]),
+    n=st.sampled_from([8, 24, 32]),
+    seed=st.integers(0, 2**31 - 1),
+    bias=st.booleans(),
+)
 def test_int8_linear_matches_fp32_within_quantization_bound(m, k, n, seed, bias):
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(2, m, k, generator=g), torch.randn(n, k, generator=g)
@@ -56,7 +67,11 @@ class _Toy(nn.Module):
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 32, bias=False), nn.Linear(32, 5, bias=False)  # c: too small
+        self.a, self.b, self.c = (
+            nn.Linear(64, 64),
+            nn.Linear(64, 32, bias=False),
+            nn.Linear(32, 5, bias=False),
+        )  # c: too small
         for lin in (self.a, self.b, self.c):
             for p in lin.parameters():
                 p.data = torch.randn(p.shape, generator=g)
@@ -103,10 +118,14 @@ def test_lower_plans_name_why_a_layer_stays_dense():
 def test_lower_applies_smoothquant_divisor_and_mask_on_cpu():
     calib = [tiny_inputs("bert", seed=s) for s in range(2)]
     model = tiny_model("bert", seed=3, hidden_size=64, intermediate_size=128)
-    cooked = fxcook.compile(model, [Sparsify(), Quantize(smoothquant=0.8, calibration=calib)],
-                            example_inputs=tiny_inputs("bert"))
-    smoothed = [p for p, m in cooked.named_modules() if isinstance(m, CookedLinear)
-                and m.input_quant is not None and m.input_quant.smooth is not None]
+    cooked = fxcook.compile(
+        model, [Sparsify(), Quantize(smoothquant=0.8, calibration=calib)], example_inputs=tiny_inputs("bert")
+    )
+    smoothed = [
+        p
+        for p, m in cooked.named_modules()
+        if isinstance(m, CookedLinear) and m.input_quant is not None and m.input_quant.smooth is not None
+    ]
     assert smoothed
     before = {k: v.clone() for k, v in cooked.state_dict().items()}
     low = TC.lower(cooked, dtype=torch.float32, device="cpu", int8="auto")

@@ -1,5 +1,6 @@
 """The CUDA backend lowers activations as the model was trained: per token, static per tensor with its
 calibrated scale, or dynamic per tensor; the int8 kernels run on CPU too (torch._int_mm), so this runs anywhere."""
+
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ def _cooked(acts: str):
     return fxcook.compile(model, [Quantize(acts=acts, calibration=calib)], example_inputs=tiny_inputs("bert"))
 
 
-@pytest.mark.parametrize("acts, kind", [("int8/token", "token"), ("int8/tensor", "tensor"),
-                                        ("int8/tensor/dynamic", "dynamic")])
+@pytest.mark.parametrize(
+    "acts, kind", [("int8/token", "token"), ("int8/tensor", "tensor"), ("int8/tensor/dynamic", "dynamic")]
+)
 def test_lowered_kernels_follow_the_models_activation_scheme(acts, kind):
     cooked = _cooked(acts)
     low = TC.lower(cooked, dtype=torch.float32, device="cpu", int8="auto")
@@ -38,7 +40,11 @@ def test_lowered_kernels_follow_the_models_activation_scheme(acts, kind):
 
 def test_dynamic_per_tensor_kernel_equals_dynamic_quantize_matmul():
     g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(5, 32, generator=g).relu() + 0.1, torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
+    x, w, b = (
+        torch.randn(5, 32, generator=g).relu() + 0.1,
+        torch.randn(16, 32, generator=g),
+        torch.randn(16, generator=g),
+    )
     wq, ws = TC.quantize_rows(w)
     want = torch.ops.fxcook.dynamic_quantize_matmul(x, wq.t().contiguous(), ws.reshape(-1), b)
     got = TC.int8_linear(x, wq, ws.reshape(-1), b, acts=TC.ActScheme("dynamic"))

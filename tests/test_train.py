@@ -1,4 +1,5 @@
 """Trainer: resume after a real kill gives identical losses; corrupt checkpoints; data; CLI."""
+
 import json
 import os
 import signal
@@ -34,8 +35,13 @@ SCRIPT = textwrap.dedent("""
 
 def _run(script: Path, out: Path, steps: int, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, str(script), str(out), str(steps)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), str(steps)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -133,11 +139,28 @@ def test_cli_train_distills_a_compressed_model(tmp_path, minilm):
     data = tmp_path / "lines.txt"
     data.write_text("\n".join(shakespeare_lines(n=80, seed=3)))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("passes:\n  - sparsify: {pattern: '2:4', method: magnitude}\n"
-                      "calibration: {data: shakespeare, samples: 8, batch_size: 4, max_length: 32}\n"
-                      "train:\n  loss: {hidden_mse: 1.0, hidden_cos: 1.0}\n  lr: 0.001\n")
-    args = ["train", "--model", str(tmp_path / "m"), "--recipe", str(recipe), "--data", str(data),
-            "--out", str(tmp_path / "o"), "--batch-size", "4", "--max-length", "32", "--eval-lines", "8"]
+    recipe.write_text(
+        "passes:\n  - sparsify: {pattern: '2:4', method: magnitude}\n"
+        "calibration: {data: shakespeare, samples: 8, batch_size: 4, max_length: 32}\n"
+        "train:\n  loss: {hidden_mse: 1.0, hidden_cos: 1.0}\n  lr: 0.001\n"
+    )
+    args = [
+        "train",
+        "--model",
+        str(tmp_path / "m"),
+        "--recipe",
+        str(recipe),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--eval-lines",
+        "8",
+    ]
     assert main([*args, "--steps", "2"]) == 0
     assert (tmp_path / "o" / "checkpoints" / "latest").read_text() == "step_0000002"
     assert main([*args, "--steps", "4"]) == 0  # the same command resumes
@@ -158,16 +181,36 @@ def test_cli_train_with_no_held_out_lines_trains_on_all_lines(tmp_path, minilm):
     tok.save_pretrained(tmp_path / "m")
     data = tmp_path / "lines.txt"
     data.write_text("\n".join(shakespeare_lines(n=8, seed=3)))
-    assert main(["train", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "o"),
-                 "--batch-size", "4", "--max-length", "32", "--eval-lines", "0", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                "4",
+                "--max-length",
+                "32",
+                "--eval-lines",
+                "0",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["steps"] == 1 and res["before"] is None and res["final_loss"] is not None
 
 
 def test_fxcook_train_is_callable_and_lm_mode_learns():
     import fxcook
-    from fxcook.training.losses import DistillLoss
     from fxcook.testing import tiny_inputs, tiny_model
+    from fxcook.training.losses import DistillLoss
 
     model = tiny_model("llama")
     cooked = fxcook.compile(model, [], tiny_inputs("llama"))

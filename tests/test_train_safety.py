@@ -1,4 +1,5 @@
 """Training never loses or mixes runs: one run per out directory, fingerprinted checkpoints, Ctrl-C saves."""
+
 import json
 import os
 import signal
@@ -14,15 +15,17 @@ import fxcook
 from fxcook import passes as P
 from fxcook.cli import main
 from fxcook.data import shakespeare_lines
-from fxcook.training.losses import DistillLoss
 from fxcook.errors import FxcookError
 from fxcook.manifest import sha256_file
 from fxcook.testing import save_tiny_pretrained, tiny_inputs, tiny_model
 from fxcook.training.checkpoints import CheckpointError, latest_checkpoint, save_checkpoint
 from fxcook.training.loop import train
+from fxcook.training.losses import DistillLoss
 
-DATA = {"input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
-        "attention_mask": torch.ones(16, 8, dtype=torch.long)}
+DATA = {
+    "input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
+    "attention_mask": torch.ones(16, 8, dtype=torch.long),
+}
 
 
 def _student(passes=()):
@@ -30,8 +33,20 @@ def _student(passes=()):
 
 
 def _train(out, steps, **kw):
-    return train(_student(kw.pop("passes", ())), None, DATA, DistillLoss(lm=1.0), steps=steps, batch_size=4,
-                 lr=1e-2, out=out, save_every=2, keep=2, progress=False, **kw)
+    return train(
+        _student(kw.pop("passes", ())),
+        None,
+        DATA,
+        DistillLoss(lm=1.0),
+        steps=steps,
+        batch_size=4,
+        lr=1e-2,
+        out=out,
+        save_every=2,
+        keep=2,
+        progress=False,
+        **kw,
+    )
 
 
 def _files(folder):
@@ -47,7 +62,7 @@ def test_no_resume_into_an_earlier_run_is_refused_then_overwrite_moves_it_aside(
     assert _files(out) == before  # nothing mixed in, nothing deleted
     res = _train(out, 2, resume=False, overwrite=True)
     assert res.resumed_from is None and res.step == 2
-    aside, = [p for p in out.iterdir() if p.name.startswith("old-run-")]
+    (aside,) = [p for p in out.iterdir() if p.name.startswith("old-run-")]
     assert _files(aside) == before  # the earlier run, complete
     assert latest_checkpoint(out).name == "step_0000002"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002"]
@@ -105,19 +120,35 @@ def cli_setup(tmp_path_factory):
 
 def _cli_args(cli_setup, out):
     model, data = cli_setup
-    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "4",
-            "--max-length", "32", "--eval-lines", "8", "--lr", "1e-2"]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--eval-lines",
+        "8",
+        "--lr",
+        "1e-2",
+    ]
 
 
 def test_cli_train_writes_the_trained_model_and_its_onnx(tmp_path, cli_setup):
-    from fxcook.runtime.onnx import OrtModel
-
     from fxcook.checkpoint import load_quantized
     from fxcook.models import load_model
+    from fxcook.runtime.onnx import OrtModel
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("passes:\n  - sparsify: {pattern: '2:4', method: magnitude}\n"
-                      "calibration: {data: shakespeare, samples: 8, batch_size: 4, max_length: 32}\n")
+    recipe.write_text(
+        "passes:\n  - sparsify: {pattern: '2:4', method: magnitude}\n"
+        "calibration: {data: shakespeare, samples: 8, batch_size: 4, max_length: 32}\n"
+    )
     out = tmp_path / "o"
     assert main([*_cli_args(cli_setup, out), "--recipe", str(recipe), "--steps", "3", "--onnx"]) == 0
     assert {"model.safetensors", "report.txt", "r.yaml"} <= {p.name for p in (out / "model").iterdir()}
@@ -139,8 +170,13 @@ def _logged(log) -> int:
 def test_ctrl_c_saves_the_last_finished_step_and_exits_130(tmp_path, cli_setup):
     out = tmp_path / "o"
     args = [*_cli_args(cli_setup, out), "--steps", "100000", "--save-every", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "fxcook", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fxcook", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     log = out / "log.jsonl"
     deadline = time.time() + 180
     while proc.poll() is None and time.time() < deadline and _logged(log) < 3:
@@ -156,8 +192,14 @@ def test_ctrl_c_saves_the_last_finished_step_and_exits_130(tmp_path, cli_setup):
 
 
 def _two_rank_worker(rank, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        HF_HUB_OFFLINE="1",
+    )
     torch.set_num_threads(1)
     assert main(args) == 0
 
@@ -174,8 +216,7 @@ def test_two_rank_cli_train_saves_the_whole_model(tmp_path, cli_setup):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "two"
-    mp.spawn(_two_rank_worker, args=(port, [*_cli_args(cli_setup, out), "--steps", "2", "--eval-lines", "0"]),
-             nprocs=2)
+    mp.spawn(_two_rank_worker, args=(port, [*_cli_args(cli_setup, out), "--steps", "2", "--eval-lines", "0"]), nprocs=2)
     assert json.loads((out / "results.json").read_text())["world"] == 2
     dcp_to_torch_save(latest_checkpoint(out), tmp_path / "ckpt.pt")
     checkpoint = torch.load(tmp_path / "ckpt.pt")["model"]

@@ -1,16 +1,19 @@
 """fxcook.train advances scheduled masks: a gradual Sparsify ramps while training, and resumes in place."""
+
 import pytest
 import torch
 
 import fxcook
 from fxcook import passes as P
-from fxcook.training.losses import DistillLoss
-from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.nn import CookedLinear
+from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.training.loop import train
+from fxcook.training.losses import DistillLoss
 
-DATA = {"input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
-        "attention_mask": torch.ones(16, 8, dtype=torch.long)}
+DATA = {
+    "input_ids": torch.randint(1, 128, (16, 8), generator=torch.Generator().manual_seed(0)),
+    "attention_mask": torch.ones(16, 8, dtype=torch.long),
+}
 SCHEDULE = {"start": 0, "end": 4, "every": 2}
 
 
@@ -36,8 +39,20 @@ def _run(steps, out=None, stop_at=None, schedule=SCHEDULE):
             raise Stop
         densities.append(sum(x.density for x in _masked(m).values()) / len(_masked(m)))
 
-    res = train(model, None, DATA, DistillLoss(lm=1.0), steps=steps, batch_size=4, lr=1e-2, progress=False,
-                callback=record, eval_every=1, out=out, save_every=1)
+    res = train(
+        model,
+        None,
+        DATA,
+        DistillLoss(lm=1.0),
+        steps=steps,
+        batch_size=4,
+        lr=1e-2,
+        progress=False,
+        callback=record,
+        eval_every=1,
+        out=out,
+        save_every=1,
+    )
     return model, sparsify, densities, res
 
 

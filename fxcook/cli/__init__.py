@@ -3,6 +3,7 @@
 Output paths are checked before any long work (capture, calibration, training), so a bad `--out`
 is an error naming it at once, not a traceback after minutes of compile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,22 +23,29 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="list compressible sites, parameter counts and activated size")
     ins.add_argument("model", help=f"{model_help}, or a directory written by compress/train/fxcook.save")
     ins.add_argument("--per-layer", action="store_true", help="also list every layer's size")
-    ins.add_argument("--graph", action="store_true",
-                     help="print every graph, each compressed node annotated (MODEL may be a compressed directory)")
+    ins.add_argument(
+        "--graph",
+        action="store_true",
+        help="print every graph, each compressed node annotated (MODEL may be a compressed directory)",
+    )
     ins.set_defaults(func=inspect.cmd_inspect)
     com = sub.add_parser("compress", help="apply a recipe and save the compressed model")
     com.add_argument("--model", default="minilm", help=f"the model to compress: {model_help} (default minilm)")
     com.add_argument("--recipe", required=True, help="recipe YAML/JSON: the passes and their calibration data")
-    com.add_argument("--out", required=True,
-                     help="output directory (model.safetensors, report.txt, the recipe); not the model's own")
+    com.add_argument(
+        "--out", required=True, help="output directory (model.safetensors, report.txt, the recipe); not the model's own"
+    )
     com.add_argument("--onnx", action="store_true", help="also export --out/model.onnx (ONNX Runtime, integer GEMMs)")
     com.add_argument("--per-layer", action="store_true", help="report every layer, not only the totals")
     com.set_defaults(func=compress.cmd_compress)
     exp = sub.add_parser("export", help="export a saved compressed model to ONNX or a TensorRT engine")
     exp.add_argument("dir", help="a directory written by compress, train (its model/) or fxcook.save")
     exp.add_argument("--to", required=True, choices=("onnx", "tensorrt"), help="target runtime")
-    exp.add_argument("--out", help="output file (default: DIR.onnx or DIR.engine beside DIR; "
-                                   "tensorrt also writes the ONNX it builds from, with suffix .onnx)")
+    exp.add_argument(
+        "--out",
+        help="output file (default: DIR.onnx or DIR.engine beside DIR; "
+        "tensorrt also writes the ONNX it builds from, with suffix .onnx)",
+    )
     exp.add_argument("--sparse", action="store_true", help="tensorrt: let TensorRT use 2:4 sparse weights")
     exp.set_defaults(func=export.cmd_export)
     demo = sub.add_parser("demo", help="compress the embedded MiniLM with every technique and report")

@@ -1,4 +1,5 @@
 """Argument helpers shared by the subcommands."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ def version() -> str:
 
 def at_least(least: int):
     """An argparse type: an integer >= `least` (so `--steps 0` is a usage error, not a traceback)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -24,4 +26,5 @@ def at_least(least: int):
         if value is None or value < least:
             raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
         return value
+
     return parse

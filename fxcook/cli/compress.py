@@ -1,4 +1,5 @@
 """`fxcook compress`: apply a recipe and save the compressed model."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """`fxcook demo`: compress the embedded MiniLM with every technique and report."""
+
 from __future__ import annotations
 
 

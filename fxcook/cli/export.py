@@ -1,4 +1,5 @@
 """`fxcook export`: a saved model to ONNX or a TensorRT engine."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,10 @@ def cmd_export(args) -> int:
     suffix = ".onnx" if args.to == "onnx" else ".engine"
     target = check_out_file(Path(args.out) if args.out else source.with_name(source.name + suffix))
     if args.to == "tensorrt" and target.suffix == ".onnx":
-        raise FxcookError(f"--out {target}: a TensorRT engine needs another suffix than .onnx (e.g. .engine), "
-                          f"since the ONNX it is built from is written beside it")
+        raise FxcookError(
+            f"--out {target}: a TensorRT engine needs another suffix than .onnx (e.g. .engine), "
+            f"since the ONNX it is built from is written beside it"
+        )
     onnx_path = target if args.to == "onnx" else check_out_file(target.with_suffix(".onnx"), "ONNX file")
     from fxcook import load
     from fxcook.runtime import onnx as onnx_rt

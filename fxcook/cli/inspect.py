@@ -1,5 +1,6 @@
 """`fxcook inspect`: compressible sites, parameter counts and activated size of a model, or (`--graph`)
 its graphs with every compression written beside its node."""
+
 from __future__ import annotations
 
 INSPECT_SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is the question."]
@@ -32,8 +33,10 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"model {args.model}: {cooked.origin.cls.rpartition(':')[2]}")
     linears = cooked.sites.find("linear")
-    print(f"linear layers: {len(linears)} ({sum(1 for s in linears if cooked.sites.block_of(s.path))} in "
-          f"{len(cooked.sites.blocks)} blocks)")
+    print(
+        f"linear layers: {len(linears)} ({sum(1 for s in linears if cooked.sites.block_of(s.path))} in "
+        f"{len(cooked.sites.blocks)} blocks)"
+    )
     for s in linears:
         w = cooked.get_submodule(s.path).weight
         print(f"  {s.path:56} {tuple(w.shape)!s:14} {w.numel():>10,}")

@@ -1,4 +1,5 @@
 """`fxcook train`: compress a model, distil it on text, save the trained artifact."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,36 +21,59 @@ from fxcook.training.losses import DistillLoss
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fxcook train` (launch with torchrun --nproc_per_node N for FSDP2)."""
-    parser.add_argument("--model", default="minilm",
-                        help="'minilm', a local HF model directory, or a directory fxcook saved (then --teacher)")
-    parser.add_argument("--teacher", help="the model to distil from (default: --model; required when --model "
-                                          "is a saved fxcook model)")
+    parser.add_argument(
+        "--model",
+        default="minilm",
+        help="'minilm', a local HF model directory, or a directory fxcook saved (then --teacher)",
+    )
+    parser.add_argument(
+        "--teacher", help="the model to distil from (default: --model; required when --model is a saved fxcook model)"
+    )
     parser.add_argument("--recipe", help="recipe YAML/JSON: passes to apply, plus an optional train: section")
     parser.add_argument("--data", default="shakespeare", help="a text file or directory, or 'shakespeare'")
-    parser.add_argument("--out", required=True,
-                        help="output directory: checkpoints/, log.jsonl, results.json, the trained model in model/")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory: checkpoints/, log.jsonl, results.json, the trained model in model/",
+    )
     parser.add_argument("--steps", type=at_least(1), help="optimizer steps (default: recipe or 100)")
     parser.add_argument("--batch-size", type=at_least(1), help="global batch size (default: recipe or 16)")
     parser.add_argument("--grad-accum", type=at_least(1), help="micro-batches per step (default 1)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
     parser.add_argument("--warmup", type=at_least(0), help="linear warmup steps (default 0)")
-    parser.add_argument("--schedule", choices=("cosine", "linear", "constant"), help="LR decay after warmup (default cosine)")
+    parser.add_argument(
+        "--schedule", choices=("cosine", "linear", "constant"), help="LR decay after warmup (default cosine)"
+    )
     parser.add_argument("--max-length", type=at_least(2), help="tokens per line (default 128)")
     parser.add_argument("--save-every", type=at_least(0), help="checkpoint every N steps (default 50; 0: at the end)")
     parser.add_argument("--seed", type=int, help="seed (default 0)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="start afresh instead of resuming the run in --out (refused if one is there, "
-                             "unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="move an earlier run in --out aside (to --out/old-run-<time>) and start afresh")
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh instead of resuming the run in --out (refused if one is there, unless --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="move an earlier run in --out aside (to --out/old-run-<time>) and start afresh",
+    )
     parser.add_argument("--onnx", action="store_true", help="also export the trained model to --out/model.onnx")
     parser.add_argument("--shard-teacher", action="store_true", help="FSDP2-shard the teacher too")
     parser.add_argument("--lines", type=at_least(1), default=None, help="use only the first N lines of --data")
     parser.add_argument("--eval-lines", type=at_least(0), default=64, help="held-out lines for the fidelity table")
 
 
-TRAIN_DEFAULTS = {"steps": 100, "batch_size": 16, "grad_accum": 1, "lr": 1e-4, "warmup": 0, "schedule": "cosine",
-                  "max_length": 128, "save_every": 50, "seed": 0}
+TRAIN_DEFAULTS = {
+    "steps": 100,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "lr": 1e-4,
+    "warmup": 0,
+    "schedule": "cosine",
+    "max_length": 128,
+    "save_every": 50,
+    "seed": 0,
+}
 
 
 def _train_settings(args, recipe_train: dict) -> tuple[dict, dict]:
@@ -58,7 +82,9 @@ def _train_settings(args, recipe_train: dict) -> tuple[dict, dict]:
     loss_cfg = recipe_train.pop("loss", None) or {"hidden_mse": 1.0, "hidden_cos": 1.0}
     unknown = set(recipe_train) - set(TRAIN_DEFAULTS)
     if unknown:
-        raise FxcookError(f"recipe train section: unknown keys {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)} and loss")
+        raise FxcookError(
+            f"recipe train section: unknown keys {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)} and loss"
+        )
     settings = {**TRAIN_DEFAULTS, **recipe_train}
     for key in TRAIN_DEFAULTS:
         value = getattr(args, key, None)
@@ -90,17 +116,19 @@ def main(args: argparse.Namespace) -> int:
     rank, world, _ = init_distributed()
     saved = is_artifact(args.model)  # a model fxcook saved: train it further, distilling from --teacher
     if saved and not args.teacher:
-        raise FxcookError(f"--model {args.model} is a saved fxcook model: give --teacher (the original model, "
-                          f"e.g. 'minilm' or its HF directory) to distil it from")
+        raise FxcookError(
+            f"--model {args.model} is a saved fxcook model: give --teacher (the original model, "
+            f"e.g. 'minilm' or its HF directory) to distil it from"
+        )
     teacher, tokenizer = load_model(args.teacher or args.model)
     if saved:
         tokenizer = load_tokenizer(args.model)
     lines = lines_from(args.data, seed=settings["seed"])
     held_out = []
     if args.eval_lines > 0:  # lines[:-0] would be empty: split only when lines are held out
-        held_out, lines = lines[-args.eval_lines:], lines[:-args.eval_lines]  # calibration uses the first lines
+        held_out, lines = lines[-args.eval_lines :], lines[: -args.eval_lines]  # calibration uses the first lines
     if args.lines:
-        lines = lines[:args.lines]
+        lines = lines[: args.lines]
     passes, example = [], example_batch(tokenizer, (held_out or lines)[:4], settings["max_length"])
     check_known_tokens([example], tokenizer, args.model)
     if recipe is not None:
@@ -111,17 +139,35 @@ def main(args: argparse.Namespace) -> int:
     before = _fidelity(teacher, student, tokenizer, held_out)
     loss = DistillLoss(**loss_cfg)
     steps = settings.pop("steps")
-    result = train(student, teacher, lines, loss, tokenizer=tokenizer, steps=steps, out=out,
-                   resume=not args.no_resume, overwrite=args.overwrite, shard_teacher=args.shard_teacher, **settings)
+    result = train(
+        student,
+        teacher,
+        lines,
+        loss,
+        tokenizer=tokenizer,
+        steps=steps,
+        out=out,
+        resume=not args.no_resume,
+        overwrite=args.overwrite,
+        shard_teacher=args.shard_teacher,
+        **settings,
+    )
     after = _fidelity(teacher, student, tokenizer, held_out)
     trained = _whole(student, spare, world)
     if rank == 0:
-        summary = {"steps": result.step, "world": world, "resumed_from": result.resumed_from,
-                   "final_loss": result.losses[-1] if result.losses else None, "before": before, "after": after}
+        summary = {
+            "steps": result.step,
+            "world": world,
+            "resumed_from": result.resumed_from,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "before": before,
+            "after": after,
+        }
         write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
         trained.cpu()
-        save(trained, out / "model", recipe=Path(args.recipe) if args.recipe else None,
-                        extras=tokenizer_extra(tokenizer))
+        save(
+            trained, out / "model", recipe=Path(args.recipe) if args.recipe else None, extras=tokenizer_extra(tokenizer)
+        )
         print(f"wrote {out / 'model'}")
         if args.onnx:
             from fxcook.runtime import onnx as onnx_rt

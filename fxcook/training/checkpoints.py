@@ -1,5 +1,6 @@
 """Training checkpoints with torch.distributed.checkpoint: model, optimizer, masks, step and per-rank RNG,
 written aside, listed in a `fxcook.manifest` and renamed into place; one `out` directory holds one run."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,6 @@ from fxcook.training.distributed import barrier
 
 class CheckpointError(FxcookError):
     """A checkpoint is missing, incomplete or corrupt."""
-
 
 
 RUN_ENTRIES = ("checkpoints", "log.jsonl", "results.json", "model", "model.onnx")  # what one run writes in `out`
@@ -54,8 +54,10 @@ def claim_out(out: Path, resume: bool, overwrite: bool, move: bool = True) -> No
         return
     if not overwrite:
         names = ", ".join(p.name for p in found)
-        raise FxcookError(f"{out} holds an earlier run ({names}); resume it (resume=True, no --no-resume), "
-                          f"move it aside with overwrite=True (--overwrite), or choose another out directory")
+        raise FxcookError(
+            f"{out} holds an earlier run ({names}); resume it (resume=True, no --no-resume), "
+            f"move it aside with overwrite=True (--overwrite), or choose another out directory"
+        )
     if move:
         aside = out / f"old-run-{time.strftime('%Y%m%d-%H%M%S')}"
         while aside.exists():
@@ -72,12 +74,20 @@ def _steps(root: Path) -> dict[int, Path]:
 def _prune(root: Path, step: int, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints up to `step`; `step` itself and later ones stay."""
     older = sorted(s for s in _steps(root) if s < step)
-    for s in older[:max(len(older) - (keep - 1), 0)] if keep > 0 else []:
+    for s in older[: max(len(older) - (keep - 1), 0)] if keep > 0 else []:
         shutil.rmtree(root / f"step_{s:07d}", ignore_errors=True)
 
 
-def save_checkpoint(out: Path, step: int, state: nn.Module, opt, rank: int, keep: int = 2,
-                    fingerprint: str | None = None, schedules: list | None = None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    state: nn.Module,
+    opt,
+    rank: int,
+    keep: int = 2,
+    fingerprint: str | None = None,
+    schedules: list | None = None,
+) -> Path:
     """Write checkpoint `step` atomically: tmp dir -> manifest (hashes, fingerprint, step, mask
     schedule positions) -> rename -> latest pointer -> prune older checkpoints."""
     root = out / "checkpoints"
@@ -88,9 +98,14 @@ def save_checkpoint(out: Path, step: int, state: nn.Module, opt, rank: int, keep
     barrier()
     msd, osd = get_state_dict(state, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               tmp / f"rng_rank{rank}.pt")
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        tmp / f"rng_rank{rank}.pt",
+    )
     barrier()
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -111,18 +126,22 @@ def verify_checkpoint(path: Path, fingerprint: str | None = None) -> dict:
     try:
         return manifest.verify(path, fingerprint)
     except manifest.ManifestError as e:
-        raise CheckpointError(f"checkpoint {e}; start afresh with overwrite=True (--overwrite) "
-                              f"or use another out directory") from e
+        raise CheckpointError(
+            f"checkpoint {e}; start afresh with overwrite=True (--overwrite) or use another out directory"
+        ) from e
 
 
-def load_checkpoint(path: Path, state: nn.Module, opt, rank: int, fingerprint: str | None = None,
-                    schedules: list | None = None) -> int:
+def load_checkpoint(
+    path: Path, state: nn.Module, opt, rank: int, fingerprint: str | None = None, schedules: list | None = None
+) -> int:
     """Restore model, optimizer, masks, mask schedules and RNG from `path`; returns its step."""
     meta = verify_checkpoint(path, fingerprint)
     positions = meta.get("schedules", [])
     if len(positions) != len(schedules or []):
-        raise CheckpointError(f"checkpoint {path} holds {len(positions)} mask schedules, the model "
-                              f"{len(schedules or [])}: it was written for another recipe")
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(positions)} mask schedules, the model "
+            f"{len(schedules or [])}: it was written for another recipe"
+        )
     msd, osd = get_state_dict(state, opt)
     sd = {"model": msd, "optim": osd}
     try:

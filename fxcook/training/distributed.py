@@ -1,4 +1,5 @@
 """FSDP2 setup for the trainer: process group, sharding, cross-rank sums and syncs."""
+
 from __future__ import annotations
 
 import os

@@ -19,6 +19,7 @@ straight-through estimator. The loop adds what training needs:
   kill at any moment leaves every earlier checkpoint intact; a corrupt checkpoint, or one of
   another recipe, is an error naming it. One `out` directory holds one run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,9 +61,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
-    param_bytes: int = 0   # this rank's parameter bytes (student + loss projections), shards under FSDP2
-    optim_bytes: int = 0   # this rank's optimizer state bytes
-
+    param_bytes: int = 0  # this rank's parameter bytes (student + loss projections), shards under FSDP2
+    optim_bytes: int = 0  # this rank's optimizer state bytes
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
@@ -132,12 +132,34 @@ def _deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: DistillLoss | None = None, *,
-          tokenizer=None, steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-4,
-          weight_decay: float = 0.0, warmup: int = 0, schedule: str = "cosine", max_grad_norm: float | None = 1.0,
-          max_length: int = 128, out: str | os.PathLike | None = None, save_every: int = 0, keep: int = 2,
-          resume: bool = True, overwrite: bool = False, seed: int = 0, fsdp: bool | None = None,
-          shard_teacher: bool = False, progress: bool = True, callback=None, eval_every: int = 0) -> TrainResult:
+def train(
+    cooked: nn.Module,
+    teacher: nn.Module | None = None,
+    data=None,
+    loss: DistillLoss | None = None,
+    *,
+    tokenizer=None,
+    steps: int = 100,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup: int = 0,
+    schedule: str = "cosine",
+    max_grad_norm: float | None = 1.0,
+    max_length: int = 128,
+    out: str | os.PathLike | None = None,
+    save_every: int = 0,
+    keep: int = 2,
+    resume: bool = True,
+    overwrite: bool = False,
+    seed: int = 0,
+    fsdp: bool | None = None,
+    shard_teacher: bool = False,
+    progress: bool = True,
+    callback=None,
+    eval_every: int = 0,
+) -> TrainResult:
     """Train `cooked` (QAT/masks included) against `loss`, distilling from `teacher` if given.
 
     `data`: lines of text (with `tokenizer`), a mapping of token tensors, or a fxcook.training.textdata dataset.
@@ -153,8 +175,15 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
     """
     if data is None:
         raise FxcookError("train needs data=")
-    _check_counts(steps=(steps, 1), batch_size=(batch_size, 1), grad_accum=(grad_accum, 1),
-                  max_length=(max_length, 2), save_every=(save_every, 0), keep=(keep, 0), eval_every=(eval_every, 0))
+    _check_counts(
+        steps=(steps, 1),
+        batch_size=(batch_size, 1),
+        grad_accum=(grad_accum, 1),
+        max_length=(max_length, 2),
+        save_every=(save_every, 0),
+        keep=(keep, 0),
+        eval_every=(eval_every, 0),
+    )
     outdir = Path(out) if out is not None else None
     if outdir is not None:
         from fxcook.paths import check_out_dir
@@ -263,9 +292,13 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
                 for sched in schedules:
                     sched.update(cooked, step + 1)
                 sums = all_sum([step_loss, *terms.values()], device)
-                row = {"step": step + 1, "loss": sums[0] / world,
-                       **{k: v / world for k, v in zip(terms, sums[1:])},
-                       "lr": opt.param_groups[0]["lr"], "sec": time.perf_counter() - t0}
+                row = {
+                    "step": step + 1,
+                    "loss": sums[0] / world,
+                    **{k: v / world for k, v in zip(terms, sums[1:])},
+                    "lr": opt.param_groups[0]["lr"],
+                    "sec": time.perf_counter() - t0,
+                }
                 if callback is not None and eval_every and (step + 1) % eval_every == 0:
                     row.update(callback(step + 1, cooked) or {})
                 result.losses.append(row["loss"])
@@ -281,8 +314,14 @@ def train(cooked: nn.Module, teacher: nn.Module | None = None, data=None, loss: 
                     checkpoint(step + 1)
                 if any_rank(interrupt["hit"], device):
                     checkpoint(step + 1)
-                    where = (f"; its checkpoint is in {outdir / 'checkpoints'} (train again with this out "
-                             f"directory to resume)") if outdir is not None else ""
+                    where = (
+                        (
+                            f"; its checkpoint is in {outdir / 'checkpoints'} (train again with this out "
+                            f"directory to resume)"
+                        )
+                        if outdir is not None
+                        else ""
+                    )
                     raise TrainInterrupted(f"interrupted after step {step + 1}{where}")
         result.param_bytes, result.optim_bytes = local_param_bytes(state), optimizer_state_bytes(opt)
     finally:

@@ -20,6 +20,7 @@ Layer maps: `"uniform"` (student block i -> teacher block round((i+1) n_t / n_s)
 (the last k blocks of each, `last_k=` or min of the depths), `"taps"` (the pairs recorded by
 `Tap("s:t")`), or an explicit list of `"[post]s.path:[post]t.path"` pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,12 +80,16 @@ def _key(tap: str) -> str:
 def _logits(out: Any, who: str) -> torch.Tensor:
     logits = main_output(out, ("logits",))
     if logits is None:
-        raise PreconditionError(f"the {who} output ({type(out).__name__}) has no logits; "
-                                f"kl and lm losses need a model with an LM/classification head")
+        raise PreconditionError(
+            f"the {who} output ({type(out).__name__}) has no logits; "
+            f"kl and lm losses need a model with an LM/classification head"
+        )
     return logits.float()
 
 
-def _masked_softmax_logits(a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch.Tensor, causal: bool) -> torch.Tensor:
+def _masked_softmax_logits(
+    a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch.Tensor, causal: bool
+) -> torch.Tensor:
     """log softmax(a b^T / sqrt(d)) per head: [B, H, S, S], padded keys (and the future if causal) masked."""
     bsz, seq, width = a.shape
     if width % heads:
@@ -113,8 +118,10 @@ class DistillLoss(nn.Module):
             raise FxcookError(f"invalid distillation loss config: {e}") from e
         c = self.config
         if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm)):
-            raise FxcookError("DistillLoss: every term weight is 0; set at least one of "
-                              "kl, hidden_mse, hidden_cos, attention, relation, lm")
+            raise FxcookError(
+                "DistillLoss: every term weight is 0; set at least one of "
+                "kl, hidden_mse, hidden_cos, attention, relation, lm"
+            )
         if c.temperature <= 0:
             raise FxcookError(f"DistillLoss: temperature must be > 0, got {c.temperature}")
         self.proj = nn.ModuleDict()
@@ -149,8 +156,10 @@ class DistillLoss(nn.Module):
             return pairs
         sb, tb = block_paths(student), block_paths(teacher)
         if not sb or not tb:
-            raise FxcookError(f"layer_map={layer_map!r} found no transformer blocks "
-                              f"(student: {len(sb)}, teacher: {len(tb)}); give explicit pairs")
+            raise FxcookError(
+                f"layer_map={layer_map!r} found no transformer blocks "
+                f"(student: {len(sb)}, teacher: {len(tb)}); give explicit pairs"
+            )
         if layer_map == "uniform":
             idx = [round((i + 1) * len(tb) / len(sb)) - 1 for i in range(len(sb))]
             return [(f"[post]{s}", f"[post]{tb[j]}") for s, j in zip(sb, idx)]
@@ -171,8 +180,10 @@ class DistillLoss(nn.Module):
         fused = next((last[n] for n in FUSED_NAMES if n in last), None)
         if fused:
             return (f"[post]{fused}",)
-        raise PreconditionError(f"attention/relation distillation: no q/k/v projections found under {block} "
-                                f"(looked for {Q_NAMES}, {K_NAMES}, {V_NAMES} or fused {FUSED_NAMES})")
+        raise PreconditionError(
+            f"attention/relation distillation: no q/k/v projections found under {block} "
+            f"(looked for {Q_NAMES}, {K_NAMES}, {V_NAMES} or fused {FUSED_NAMES})"
+        )
 
     def student_taps(self) -> list[str]:
         return sorted({s for s, _ in self.hidden_pairs} | {t for s, _ in self.qkv_pairs for t in s})
@@ -191,16 +202,22 @@ class DistillLoss(nn.Module):
             self.bound = True
             return self
         if teacher is None:
-            raise FxcookError("these loss terms (kl/hidden/attention/relation) need a teacher; "
-                              "pass teacher= or use lm= alone for continued pretraining")
+            raise FxcookError(
+                "these loss terms (kl/hidden/attention/relation) need a teacher; "
+                "pass teacher= or use lm= alone for continued pretraining"
+            )
         if self.heads is None and (c.attention or c.relation):
             cfg = getattr(teacher, "config", None)
             self.heads = getattr(cfg, "num_attention_heads", None)
             if self.heads is None:
                 raise FxcookError("attention/relation distillation needs heads= (the teacher has no config)")
-        pairs = self._block_pairs(student, teacher) if (c.hidden_mse or c.hidden_cos or c.attention or c.relation) else []
+        pairs = (
+            self._block_pairs(student, teacher) if (c.hidden_mse or c.hidden_cos or c.attention or c.relation) else []
+        )
         self.hidden_pairs = pairs if (c.hidden_mse or c.hidden_cos) else []
-        self.qkv_pairs = [(self._qkv(student, s), self._qkv(teacher, t)) for s, t in pairs] if (c.attention or c.relation) else []
+        self.qkv_pairs = (
+            [(self._qkv(student, s), self._qkv(teacher, t)) for s, t in pairs] if (c.attention or c.relation) else []
+        )
         was = student.training, teacher.training
         with torch.no_grad():
             _, st = run_with_taps(student, **batch, specs=self.student_taps())
@@ -209,12 +226,15 @@ class DistillLoss(nn.Module):
         for s, t in self.hidden_pairs:
             ds, dt = st[s].shape[-1], tt[t].shape[-1]
             if st[s].shape[:-1] != tt[t].shape[:-1]:
-                raise PreconditionError(f"taps {s} {tuple(st[s].shape)} and {t} {tuple(tt[t].shape)} differ "
-                                        f"in more than the hidden width")
+                raise PreconditionError(
+                    f"taps {s} {tuple(st[s].shape)} and {t} {tuple(tt[t].shape)} differ in more than the hidden width"
+                )
             if ds != dt:
                 if not c.projection:
-                    raise PreconditionError(f"tap {s} has width {ds} but teacher tap {t} has {dt}; "
-                                            f"enable projection=True to learn a Linear({ds}, {dt})")
+                    raise PreconditionError(
+                        f"tap {s} has width {ds} but teacher tap {t} has {dt}; "
+                        f"enable projection=True to learn a Linear({ds}, {dt})"
+                    )
                 self.proj[_key(s)] = nn.Linear(ds, dt, bias=False)
         self.bound = True
         return self
@@ -242,8 +262,15 @@ class DistillLoss(nn.Module):
             mask = mask * (labels[:, 1:] != -100).float()
         return mask
 
-    def forward(self, batch: dict, s_out: Any, s_taps: dict, t_out: Any = None, t_taps: dict | None = None,
-                denom: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self,
+        batch: dict,
+        s_out: Any,
+        s_taps: dict,
+        t_out: Any = None,
+        t_taps: dict | None = None,
+        denom: dict[str, float] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """(total loss, {term: value}) for one (micro-)batch; `denom` defaults to this batch's counts."""
         if not self.bound:
             raise FxcookError("DistillLoss.bind(student, teacher, batch) must run before the loss is used")
@@ -265,7 +292,9 @@ class DistillLoss(nn.Module):
                 if _key(s) in self.proj:
                     hs = self.proj[_key(s)](hs)
                 elif hs.shape != ht.shape:
-                    raise PreconditionError(f"tap {s} {tuple(hs.shape)} vs teacher {t} {tuple(ht.shape)}: shapes differ")
+                    raise PreconditionError(
+                        f"tap {s} {tuple(hs.shape)} vs teacher {t} {tuple(ht.shape)}: shapes differ"
+                    )
                 mse = mse + (hs - ht).pow(2).mean(-1)
                 cos = cos + 1 - F.cosine_similarity(hs, ht, dim=-1)
             n = len(self.hidden_pairs)
@@ -287,7 +316,9 @@ class DistillLoss(nn.Module):
             logits = _logits(s_out, "student")[:, :-1]
             target = batch.get("labels", batch["input_ids"])[:, 1:]
             lm_mask = self._lm_mask(batch)
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0), reduction="none")
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0), reduction="none"
+            )
             sums["lm"] = ((ce.view_as(lm_mask) * lm_mask).sum(), "lm")
         total = 0.0
         terms = {}

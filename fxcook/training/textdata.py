@@ -4,6 +4,7 @@ Batches are a pure function of (seed, step): `StepSampler` walks an endless stre
 permutations, so a resumed run sees exactly the batches the interrupted one would have, and a
 global batch splits the same way into micro-batches and ranks whatever the world size.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -28,8 +29,13 @@ class TextDataset:
         return len(self.lines)
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer([self.lines[i] for i in indices], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [self.lines[i] for i in indices],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
@@ -63,8 +69,9 @@ def as_dataset(data, tokenizer=None, max_length: int = 128):
         return TensorDataset(data)
     if isinstance(data, Sequence) and not isinstance(data, str):
         return TextDataset(data, tokenizer, max_length)
-    raise FxcookError(f"training data must be lines of text, a mapping of token tensors or a dataset, "
-                      f"got {type(data).__name__}")
+    raise FxcookError(
+        f"training data must be lines of text, a mapping of token tensors or a dataset, got {type(data).__name__}"
+    )
 
 
 class StepSampler:
@@ -83,14 +90,15 @@ class StepSampler:
         out: list[int] = []
         while len(out) < self.global_batch:
             e, off = divmod(start + len(out), self.size)
-            out += self._epoch(e)[off: off + self.global_batch - len(out)].tolist()
+            out += self._epoch(e)[off : off + self.global_batch - len(out)].tolist()
         return out
 
     def split(self, step: int, accum: int, world: int, rank: int) -> list[list[int]]:
         """This rank's share of each of the `accum` micro-batches of global batch `step`."""
         idx = self.indices(step)
         if self.global_batch % (accum * world):
-            raise FxcookError(f"batch size {self.global_batch} is not divisible by grad_accum x world "
-                              f"= {accum} x {world}")
+            raise FxcookError(
+                f"batch size {self.global_batch} is not divisible by grad_accum x world = {accum} x {world}"
+            )
         per = self.global_batch // (accum * world)
-        return [idx[(a * world + rank) * per:(a * world + rank + 1) * per] for a in range(accum)]
+        return [idx[(a * world + rank) * per : (a * world + rank + 1) * per] for a in range(accum)]

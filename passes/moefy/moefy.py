@@ -19,6 +19,7 @@ The rewrite is visible in the graph, in one of two forms:
 Ordering: after Relufy (MoEfication needs ReLU unless `require_relu=false`), and after Quantize
 and Sparsify, whose hooks (`weight_quant`, `weight_mask`, `input_quant`) the experts inherit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,9 +47,9 @@ class MoefyConfig(PassConfig):
     method: Literal["kmeans", "coactivation"] = "kmeans"
     router: Literal["oracle", "mlp"] = "mlp"
     select: Select = Field(default_factory=lambda: Select(kind="ffn"))
-    require_relu: bool = True      # MoEfication's premise; false allows exact-but-dense-ish splits of GELU/SiLU
+    require_relu: bool = True  # MoEfication's premise; false allows exact-but-dense-ish splits of GELU/SiLU
     calib_batches: int = Field(16, gt=0)
-    max_tokens: int = Field(16384, gt=0)   # calibration tokens kept per FFN for router training
+    max_tokens: int = Field(16384, gt=0)  # calibration tokens kept per FFN for router training
     epochs: int = Field(30, gt=0)
     lr: float = Field(1e-2, gt=0)
     kmeans_iters: int = Field(15, gt=0)
@@ -241,15 +242,31 @@ class Moefy(DataPass):
         info = site.info
         up, down = cooked.get_submodule(info["up"]), cooked.get_submodule(info["down"])
         gate = cooked.get_submodule(info["gate"]) if info.get("gate") else None
-        moe = MoEFFN(copy.deepcopy(up), copy.deepcopy(down), info["act_op"], self._labels(site, cooked, hidden),
-                     cfg.experts, cfg.top_k, gate=copy.deepcopy(gate), router=cfg.router)
+        moe = MoEFFN(
+            copy.deepcopy(up),
+            copy.deepcopy(down),
+            info["act_op"],
+            self._labels(site, cooked, hidden),
+            cfg.experts,
+            cfg.top_k,
+            gate=copy.deepcopy(gate),
+            router=cfg.router,
+        )
         self._check_exact(site, moe, up, gate, down)
         if self.restoring:
             stats = {"recall": self.restore.get("recall", {}).get(site.path, float("nan"))}
         elif cfg.router == "mlp":
             mass = moe.expert_mass(hidden)
-            stats = train_router(moe.router, hidden, mass, cfg.top_k, epochs=cfg.epochs, lr=cfg.lr,
-                                 seed=cfg.seed, desc=f"router {site.path}")
+            stats = train_router(
+                moe.router,
+                hidden,
+                mass,
+                cfg.top_k,
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                seed=cfg.seed,
+                desc=f"router {site.path}",
+            )
         else:
             stats = {"recall": 1.0}
         moe.router_recall = stats["recall"]
@@ -270,14 +287,20 @@ class Moefy(DataPass):
         finally:
             moe.top_k = k
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.detach().abs().max().clamp_min(1))):
-            raise PassError(f"moefy: FFN {site.path}: the expert split does not reproduce the FFN "
-                            f"(max error {float((got - want).abs().max()):.3g})")
+            raise PassError(
+                f"moefy: FFN {site.path}: the expert split does not reproduce the FFN "
+                f"(max error {float((got - want).abs().max()):.3g})"
+            )
 
     def _install(self, cooked, site, moe: MoEFFN, calls) -> str:
         info = site.info
         owner = info["down"].rpartition(".")[0]  # the module path, for the new module's path
         parent, _ = cooked.parent(info["down"])
-        local = _local_slice(parent.graph, calls, owner, info) if isinstance(getattr(parent, "graph", None), torch.fx.Graph) else None
+        local = (
+            _local_slice(parent.graph, calls, owner, info)
+            if isinstance(getattr(parent, "graph", None), torch.fx.Graph)
+            else None
+        )
         if local is not None:
             x, down_call, body = local
             name, i = "moe", 1
@@ -322,10 +345,16 @@ class Moefy(DataPass):
             info = cooked.sites.update(site.path, "ffn", moe=path).info
             cooked.sites.remove({info[k] for k in ("up", "gate", "down") if info.get(k)}, "linear")
             width = moe.up.weight.shape[0] * moe.up.weight.shape[1]
-            changes.append(Change(path, (
-                f"FFN {info['up']} -> {info['act_op']} -> {info['down']} as MoEFFN: {cfg.experts} experts of "
-                f"{width // cfg.experts} neurons ({cfg.method}), top-{cfg.top_k}, router {cfg.router} "
-                f"(recall {moe.router_recall:.3f})")))
+            changes.append(
+                Change(
+                    path,
+                    (
+                        f"FFN {info['up']} -> {info['act_op']} -> {info['down']} as MoEFFN: {cfg.experts} experts of "
+                        f"{width // cfg.experts} neurons ({cfg.method}), top-{cfg.top_k}, router {cfg.router} "
+                        f"(recall {moe.router_recall:.3f})"
+                    ),
+                )
+            )
         return self.finish(cooked, changes)
 
     def record(self) -> dict:

@@ -5,6 +5,7 @@ The ONNX lowering (`fxcook.runtime.lowering`) swaps each `MoEFFN` for a form tha
 exported graph carries the routed FFN as a single node instead of data-dependent per-expert loops.
 The CPU/CUDA kernel is the same routed computation the module runs eagerly.
 """
+
 from __future__ import annotations
 
 from typing import Optional

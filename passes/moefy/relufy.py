@@ -6,6 +6,7 @@ such as the embedded MiniLM, become MoEfiable after this pass; the accuracy it c
 by distillation against the original model. The activation module of each FFN site is swapped for
 `nn.ReLU`, so every call site keeps calling it; the FFN site's `act_op` becomes "relu".
 """
+
 from __future__ import annotations
 
 from pydantic import Field

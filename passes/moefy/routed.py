@@ -289,11 +289,17 @@ def routed_ffn(
     order, token, counts = _route(scores, k)
     xs = x.index_select(0, token)
     # CUDA grouped GEMM (bf16, 16-byte aligned rows); elsewhere one GEMM per expert.
-    use_grouped = (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-                   and x.shape[-1] % 8 == 0 and up.shape[1] % 8 == 0)
+    use_grouped = (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and x.shape[-1] % 8 == 0
+        and up.shape[1] % 8 == 0
+    )
     # Inference writes each expert's GEMM straight into one buffer (no concatenation copies).
     inplace = not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (x, scores, up, up_bias, gate, gate_bias, down, down_bias))
+        t is not None and t.requires_grad for t in (x, scores, up, up_bias, gate, gate_bias, down, down_bias)
+    )
 
     def gemm(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         # a: [slots, in] grouped by expert, w: [E, out, in], b: [E, out] or None.
@@ -329,8 +335,11 @@ def routed_ffn(
         inv = torch.argsort(order)
         h = hidden_quant(h[inv].reshape(x.shape[0], -1)).reshape(h.shape)[order]
     y = gemm(h, down, None)
-    out = x.new_zeros(x.shape[0], down.shape[1]).index_add_(0, token, y) if inplace else \
-        x.new_zeros(x.shape[0], down.shape[1]).index_add(0, token, y)
+    out = (
+        x.new_zeros(x.shape[0], down.shape[1]).index_add_(0, token, y)
+        if inplace
+        else x.new_zeros(x.shape[0], down.shape[1]).index_add(0, token, y)
+    )
     if down_bias is not None:
         out = out.add_(down_bias) if inplace else out + down_bias
     return out
@@ -421,8 +430,17 @@ class MoEFFN(nn.Module):
             out = F.linear(h, self.down.dense_weight(), self.down.bias)
         else:
             out = routed_ffn(
-                xq, scores, self.up.effective_weight(), up_b, gate_w, gate_b,
-                self.down.effective_weight(), self.down.bias, self.top_k, self.act, self.down.input_quant,
+                xq,
+                scores,
+                self.up.effective_weight(),
+                up_b,
+                gate_w,
+                gate_b,
+                self.down.effective_weight(),
+                self.down.bias,
+                self.top_k,
+                self.act,
+                self.down.input_quant,
             )
         return out.reshape(*shape[:-1], out.shape[-1])
 

@@ -5,6 +5,7 @@ weight. `cook_embeddings` swaps those for `CookedEmbedding` (same Parameter, sam
 so the Quantize pass can give them a per-row int8 `weight_quant` (weight-only: a lookup has no input
 to quantize). Their ONNX form is `fxcook.runtime.lowering.EmbeddingInt8Export`.
 """
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ Running the rewrite again replaces the quantizers in place, so quantizing twice 
 
 For ONNX export, `fxcook.runtime.lowering` swaps the quantizers for their export forms.
 """
+
 from __future__ import annotations
 
 import re
@@ -66,8 +67,10 @@ class ExpertWeightQuant(WeightQuant, ParamQuant):
 
     def __init__(self, bits: int, group_size: int | None, learnable: bool, weight: torch.Tensor, reduce_dim: int):
         if weight.dim() != 3 or reduce_dim not in (1, 2):
-            raise PassError(f"ExpertWeightQuant needs a 3-D [E, out, in] or [E, in, out] weight, "
-                            f"got shape {tuple(weight.shape)} reducing axis {reduce_dim}")
+            raise PassError(
+                f"ExpertWeightQuant needs a 3-D [E, out, in] or [E, in, out] weight, "
+                f"got shape {tuple(weight.shape)} reducing axis {reduce_dim}"
+            )
         super().__init__(bits, group_size, learnable, weight=_rows(weight.detach(), reduce_dim))
         self.reduce_dim = reduce_dim
 
@@ -136,15 +139,18 @@ def _trace_gemms(start: torch.fx.Node, path: str) -> list[tuple[torch.fx.Node, i
                 stack.append((user, new))
             elif user.op == "call_function" and user.target in gemms and len(user.args) > 1 and user.args[1] is node:
                 if perm[0] != 0:
-                    raise NotSupportedYet(f"quantize: expert weight {path} reaches {user.target} with its expert "
-                                          f"axis moved (layout {perm}); only [E, ., .] weights are supported")
+                    raise NotSupportedYet(
+                        f"quantize: expert weight {path} reaches {user.target} with its expert "
+                        f"axis moved (layout {perm}); only [E, ., .] weights are supported"
+                    )
                 out.append((user, perm[1]))
             else:
                 what = user.target if user.op == "call_function" else f"{user.op} {user.target}"
                 raise NotSupportedYet(
                     f"quantize: expert weight {path} is read by {what}, not by a grouped expert GEMM "
                     f"(transformers 'grouped_mm' experts implementation); capture the model with "
-                    f"config._experts_implementation = 'grouped_mm', or set experts: false")
+                    f"config._experts_implementation = 'grouped_mm', or set experts: false"
+                )
     if not out:
         raise PassError(f"quantize: expert weight {path} feeds no grouped GEMM in its module's graph")
     if len({dim for _, dim in out}) != 1:
@@ -156,8 +162,15 @@ def safe_name(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def quantize_experts(cooked: nn.Module, paths: list[str], weights: WeightSpec, acts: ActSpec | None,
-                     observer: str = "minmax", percentile: float = 99.99, learnable: bool = False) -> list[str]:
+def quantize_experts(
+    cooked: nn.Module,
+    paths: list[str],
+    weights: WeightSpec,
+    acts: ActSpec | None,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    learnable: bool = False,
+) -> list[str]:
     """Insert (or replace) the weight and input quantizers of the expert parameters at `paths`;
     returns `paths`. `acts=None` is weight-only: an input quantizer left by an earlier run is removed.
     """
@@ -170,7 +183,9 @@ def quantize_experts(cooked: nn.Module, paths: list[str], weights: WeightSpec, a
             raise PassError(f"quantize: {path} is not a 3-D expert parameter read in its module's graph")
         reads = [n for n in graph.nodes if n.op == "get_attr" and n.target == attr]
         if len(reads) != 1:
-            raise PassError(f"quantize: expert weight {path} is read {len(reads)} times in {owner_path}'s graph, expected once")
+            raise PassError(
+                f"quantize: expert weight {path} is read {len(reads)} times in {path.rpartition('.')[0]}'s graph, expected once"
+            )
         read = reads[0]
         wname, xname = f"{safe_name(attr)}_quant", f"{safe_name(attr)}_input_quant"
         existing = [u for u in read.users if u.op == "call_module" and u.target == wname]
@@ -178,8 +193,10 @@ def quantize_experts(cooked: nn.Module, paths: list[str], weights: WeightSpec, a
         gemms = _trace_gemms(src, path)
         reduce_dim = gemms[0][1]
         if weights.group_size is not None and param.shape[reduce_dim] % weights.group_size:
-            raise PassError(f"quantize: group size {weights.group_size} does not divide the input width "
-                            f"{param.shape[reduce_dim]} of expert weight {path}")
+            raise PassError(
+                f"quantize: group size {weights.group_size} does not divide the input width "
+                f"{param.shape[reduce_dim]} of expert weight {path}"
+            )
         owner.add_module(wname, ExpertWeightQuant(weights.bits, weights.group_size, learnable, param, reduce_dim))
         if not existing:
             with graph.inserting_after(read):
@@ -206,8 +223,16 @@ def select_experts(cooked: nn.Module, select: Select) -> list[str]:
         return []
 
 
-def _set_input_quant(owner: nn.Module, graph: torch.fx.Graph, gemm: torch.fx.Node, name: str, acts: ActSpec | None,
-                     observer: str, percentile: float, learnable: bool) -> None:
+def _set_input_quant(
+    owner: nn.Module,
+    graph: torch.fx.Graph,
+    gemm: torch.fx.Node,
+    name: str,
+    acts: ActSpec | None,
+    observer: str,
+    percentile: float,
+    learnable: bool,
+) -> None:
     """Make the GEMM's token operand pass through a fresh `name` quantizer (or through none)."""
     x = gemm.args[0]
     present = isinstance(x, torch.fx.Node) and x.op == "call_module" and x.target == name

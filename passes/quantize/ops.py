@@ -19,6 +19,7 @@ exactly which tensors are integer and with which scales, and each op maps 1:1 to
 - `dequantize_groups(q, scale, group)`: group-wise weight dequantization for low-bit weight-only.
 
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,8 +28,15 @@ import torch
 
 from fxcook.qview import EPS, absmax_scale
 
-__all__ = ["quantize", "dequantize", "quantize_per_token", "matmul_integer_to_float", "dynamic_quantize_matmul",
-           "dequantize_groups", "TOKEN_ZERO_POINT"]
+__all__ = [
+    "quantize",
+    "dequantize",
+    "quantize_per_token",
+    "matmul_integer_to_float",
+    "dynamic_quantize_matmul",
+    "dequantize_groups",
+    "TOKEN_ZERO_POINT",
+]
 
 TOKEN_ZERO_POINT = 128  # per-token codes are stored as uint8 = int8 + 128
 
@@ -84,8 +92,13 @@ def _(x, bits):
 
 
 @torch.library.custom_op("fxcook::matmul_integer_to_float", mutates_args=())
-def matmul_integer_to_float(codes: torch.Tensor, row_scale: torch.Tensor, qweight: torch.Tensor,
-                            wscale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def matmul_integer_to_float(
+    codes: torch.Tensor,
+    row_scale: torch.Tensor,
+    qweight: torch.Tensor,
+    wscale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
     """((codes - 128) @ qweight^T) * wscale * row_scale + bias, exact int32 accumulation.
 
     codes: uint8 [..., K]; row_scale [..., 1]; qweight int8 [N, K]; wscale [N]; bias [N] or None.
@@ -102,8 +115,9 @@ def _(codes, row_scale, qweight, wscale, bias):
 
 
 @torch.library.custom_op("fxcook::dynamic_quantize_matmul", mutates_args=())
-def dynamic_quantize_matmul(x: torch.Tensor, qweight_t: torch.Tensor, wscale: torch.Tensor,
-                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+def dynamic_quantize_matmul(
+    x: torch.Tensor, qweight_t: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     """(q(x) - zp) @ qweight_t * (s * wscale) + bias with q, s, zp of DynamicQuantizeLinear over all of x.
 
     x: float [..., K]; qweight_t: int8 [K, N]; wscale [N]; bias [N] or None; exact int32 accumulation.

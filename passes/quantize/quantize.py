@@ -17,6 +17,7 @@ graph (weights per expert and output channel, the GEMM's token operand with `act
 their parameter path with the same include/exclude patterns and scope. SmoothQuant and
 `sensitive_inputs` apply to linears only.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -28,9 +29,17 @@ from tqdm.auto import tqdm
 from fxcook.errors import FxcookError, PassError, PreconditionError, SelectorError
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
-from fxcook.passes.quantize.quantizers import OBSERVERS, WeightQuant, act_quantizer, calibrate, parse_acts, parse_weights, smooth_factors
 from fxcook.passes.quantize.embeddings import cook_embeddings
 from fxcook.passes.quantize.experts import quantize_experts, select_experts
+from fxcook.passes.quantize.quantizers import (
+    OBSERVERS,
+    WeightQuant,
+    act_quantizer,
+    calibrate,
+    parse_acts,
+    parse_weights,
+    smooth_factors,
+)
 from fxcook.select import Select
 from fxcook.tracing import calibration_batches, call_batch, main_output, record_inputs
 
@@ -38,11 +47,11 @@ __all__ = ["Quantize", "QuantizeConfig"]
 
 
 class QuantizeConfig(PassConfig):
-    weights: str = "int8/channel"          # int<b>/channel | int<b>/group<g>
-    acts: str | None = "int8/token"        # int<b>/token | int<b>/tensor (static) | int8/tensor/dynamic | None
+    weights: str = "int8/channel"  # int<b>/channel | int<b>/group<g>
+    acts: str | None = "int8/token"  # int<b>/token | int<b>/tensor (static) | int8/tensor/dynamic | None
     observer: Literal[OBSERVERS] = "minmax"  # static acts: minmax | percentile | mse
     percentile: float = Field(99.99, gt=0.0, le=100.0)
-    learnable_scales: bool = False         # LSQ: weight (and static act) scales become Parameters
+    learnable_scales: bool = False  # LSQ: weight (and static act) scales become Parameters
     smoothquant: float | None = Field(None, ge=0.0, le=1.0)  # SmoothQuant migration strength alpha
     # FFN down-projections read the activation's output: no op before them can absorb the divisor, so
     # smoothing them costs a full multiply over the widest activation at run time (and on MiniLM it
@@ -54,8 +63,8 @@ class QuantizeConfig(PassConfig):
     # calibration data use `sensitive_acts` instead of `acts`
     sensitive_inputs: int = Field(0, ge=0)
     sensitive_acts: str = "int8/token"
-    experts: bool = True                   # also quantize HF MoE expert matmuls (expert_bmm sites) in the selection
-    embeddings: bool = False               # also quantize embedding tables, int<b> per row (weight-only)
+    experts: bool = True  # also quantize HF MoE expert matmuls (expert_bmm sites) in the selection
+    embeddings: bool = False  # also quantize embedding tables, int<b> per row (weight-only)
     select: Select = Select()
 
     @model_validator(mode="before")
@@ -101,7 +110,9 @@ class QuantizeConfig(PassConfig):
         if self.embeddings and parse_weights(self.weights).group_size is not None:
             raise ValueError(f"embeddings: tables are quantized per row; weights {self.weights!r} is group-wise")
         if self.sensitive_inputs and not parse_acts(self.sensitive_acts).dynamic:
-            raise ValueError(f"sensitive_acts: {self.sensitive_acts!r} must be dynamic (int<b>/token or int8/tensor/dynamic)")
+            raise ValueError(
+                f"sensitive_acts: {self.sensitive_acts!r} must be dynamic (int<b>/token or int8/tensor/dynamic)"
+            )
         return self
 
 
@@ -127,8 +138,13 @@ class Quantize(DataPass):
 
     def requires(self, cooked) -> None:
         if self._needs_data() and self.calibration is None and not self.restoring:
-            what = ("static activations (int/tensor)" if self._static() else
-                    "smoothquant" if self.config.smoothquant is not None else "sensitive_inputs")
+            what = (
+                "static activations (int/tensor)"
+                if self._static()
+                else "smoothquant"
+                if self.config.smoothquant is not None
+                else "sensitive_inputs"
+            )
             raise PreconditionError(f"quantize: {what} need calibration=<iterable of model inputs>")
 
     def _batches(self) -> list:
@@ -161,8 +177,11 @@ class Quantize(DataPass):
         if cfg.smoothquant is not None:
             down = set() if cfg.smooth_down_proj else {s.info["down"] for s in cooked.sites.find("ffn")}
             smoothed = {p: m for p, m in linears.items() if p not in down}
-            factors = ({p: torch.ones_like(m.weight[0]).detach() for p, m in smoothed.items()} if self.restoring
-                       else self._smooth(cooked, smoothed, batches))
+            factors = (
+                {p: torch.ones_like(m.weight[0]).detach() for p, m in smoothed.items()}
+                if self.restoring
+                else self._smooth(cooked, smoothed, batches)
+            )
         w = parse_weights(cfg.weights)
         a = parse_acts(cfg.acts) if cfg.acts else None
         changes = []
@@ -173,8 +192,9 @@ class Quantize(DataPass):
                 raise PassError(f"quantize: {path} carries SmoothQuant factors; its activations must stay quantized")
             weight = mod.weight.detach() if mod.weight_mask is None else (mod.weight * mod.weight_mask).detach()
             mod.weight_quant = WeightQuant(w.bits, w.group_size, cfg.learnable_scales, weight=weight)
-            mod.input_quant = None if a is None else act_quantizer(a, cfg.observer, cfg.percentile,
-                                                                   cfg.learnable_scales)
+            mod.input_quant = (
+                None if a is None else act_quantizer(a, cfg.observer, cfg.percentile, cfg.learnable_scales)
+            )
             if mod.input_quant is not None:
                 mod.input_quant.set_smooth(smooth)
         sensitive = self._sensitive_linears(cooked, linears, batches)
@@ -182,11 +202,15 @@ class Quantize(DataPass):
             linears[path].input_quant = _switched(linears[path].input_quant, parse_acts(cfg.sensitive_acts))
         for path in linears:
             acts = cfg.sensitive_acts + " (sensitive)" if path in sensitive else (cfg.acts or "float")
-            changes.append(Change(path, f"weights {cfg.weights}, acts {acts}"
-                                        + (f", smoothquant a={cfg.smoothquant}" if path in factors else "")))
+            changes.append(
+                Change(
+                    path,
+                    f"weights {cfg.weights}, acts {acts}"
+                    + (f", smoothquant a={cfg.smoothquant}" if path in factors else ""),
+                )
+            )
         if cfg.experts:
-            for path in quantize_experts(cooked, experts, w, a, cfg.observer,
-                                         cfg.percentile, cfg.learnable_scales):
+            for path in quantize_experts(cooked, experts, w, a, cfg.observer, cfg.percentile, cfg.learnable_scales):
                 changes.append(Change(path, f"expert weights {cfg.weights}, acts {cfg.acts or 'float'}"))
         if cfg.embeddings:
             for path, emb in cook_embeddings(cooked).items():
@@ -245,7 +269,7 @@ class Quantize(DataPass):
             for p in paths:
                 linears[p].input_quant = stash[p][1]
         ranked = [k for k in sorted(gain, key=gain.__getitem__, reverse=True) if gain[k] > 0]
-        return [p for k in ranked[:self.config.sensitive_inputs] for p in groups[k]]
+        return [p for k in ranked[: self.config.sensitive_inputs] for p in groups[k]]
 
     @torch.no_grad()
     def _smooth(self, cooked, linears: dict[str, CookedLinear], batches: list) -> dict[str, torch.Tensor]:
@@ -330,7 +354,7 @@ def _masked_sq_error(out: torch.Tensor, ref: torch.Tensor, batch) -> float:
     shaped like the output's leading dims (padding positions carry no meaning)."""
     err = (out - ref).float().square()
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is not None and tuple(mask.shape) == tuple(err.shape[:mask.dim()]):
+    if mask is not None and tuple(mask.shape) == tuple(err.shape[: mask.dim()]):
         err = err * mask.reshape(*mask.shape, *([1] * (err.dim() - mask.dim()))).to(err.dtype)
     return float(err.sum())
 

@@ -11,6 +11,7 @@ Training uses a straight-through estimator on the rounding, so gradients reach t
 learnable scales (LSQ) they reach the scales too. The same modules expose the integer form
 (`WeightQuant.quantize`) that the ONNX exporter and checkpoints store.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,18 @@ from fxcook.qview import EPS, absmax_scale
 from fxcook.tracing import run_batches
 
 __all__ = [
-    "qmax", "fake_quant", "parse_weights", "parse_acts", "WeightQuant", "TokenQuant", "TensorQuant",
-    "DynamicTensorQuant", "act_quantizer", "calibrate", "smooth_factors", "EPS",
+    "qmax",
+    "fake_quant",
+    "parse_weights",
+    "parse_acts",
+    "WeightQuant",
+    "TokenQuant",
+    "TensorQuant",
+    "DynamicTensorQuant",
+    "act_quantizer",
+    "calibrate",
+    "smooth_factors",
+    "EPS",
 ]
 
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -65,7 +76,7 @@ class WeightSpec:
 class ActSpec:
     bits: int
     granularity: str  # "token" or "tensor"
-    dynamic: bool     # token: always; tensor: scale from each call (True) or from calibration (False)
+    dynamic: bool  # token: always; tensor: scale from each call (True) or from calibration (False)
 
 
 def _check_bits(bits: int, key: str, spec: str) -> None:
@@ -83,8 +94,10 @@ def parse_weights(spec: str) -> WeightSpec:
     """`int8/channel`, `int4/group128`, ... -> WeightSpec; errors name the accepted forms."""
     m = _WEIGHTS.match(spec.strip()) if isinstance(spec, str) else None
     if not m:
-        raise FxcookError(f"weights: {spec!r} is not a weight scheme; use 'int<bits>/channel' or "
-                          f"'int<bits>/group<size>' with bits 2..8 (e.g. 'int8/channel', 'int4/group128')")
+        raise FxcookError(
+            f"weights: {spec!r} is not a weight scheme; use 'int<bits>/channel' or "
+            f"'int<bits>/group<size>' with bits 2..8 (e.g. 'int8/channel', 'int4/group128')"
+        )
     bits, group = int(m.group(1)), (int(m.group(3)) if m.group(3) else None)
     _check_bits(bits, "weights", spec)
     if group is not None and group < 2:
@@ -97,14 +110,18 @@ def parse_acts(spec: str) -> ActSpec:
     (per tensor, scale from each call) -> ActSpec."""
     m = _ACTS.match(spec.strip()) if isinstance(spec, str) else None
     if not m or (m.group(2) == "token" and m.group(3)):
-        raise FxcookError(f"acts: {spec!r} is not an activation scheme; use 'int<bits>/token' (dynamic), "
-                          f"'int<bits>/tensor' (static, calibrated), bits 2..8, 'int8/tensor/dynamic', "
-                          f"or null for weight-only")
+        raise FxcookError(
+            f"acts: {spec!r} is not an activation scheme; use 'int<bits>/token' (dynamic), "
+            f"'int<bits>/tensor' (static, calibrated), bits 2..8, 'int8/tensor/dynamic', "
+            f"or null for weight-only"
+        )
     bits, dynamic = int(m.group(1)), m.group(2) == "token" or bool(m.group(3))
     _check_bits(bits, "acts", spec)
     if m.group(2) == "tensor" and dynamic and bits != 8:
-        raise FxcookError(f"acts: {spec!r}: dynamic per-tensor activations are 8-bit only "
-                          f"(ONNX DynamicQuantizeLinear is uint8); use 'int8/tensor/dynamic'")
+        raise FxcookError(
+            f"acts: {spec!r}: dynamic per-tensor activations are 8-bit only "
+            f"(ONNX DynamicQuantizeLinear is uint8); use 'int8/tensor/dynamic'"
+        )
     return ActSpec(bits, m.group(2), dynamic)
 
 
@@ -115,8 +132,9 @@ class WeightQuant(nn.Module):
     `learnable` (LSQ): then they are a Parameter initialised from the weight given at construction.
     """
 
-    def __init__(self, bits: int = 8, group_size: int | None = None, learnable: bool = False,
-                 weight: torch.Tensor | None = None):
+    def __init__(
+        self, bits: int = 8, group_size: int | None = None, learnable: bool = False, weight: torch.Tensor | None = None
+    ):
         super().__init__()
         self.q = qmax(bits)
         self.bits = bits
@@ -245,8 +263,9 @@ class DynamicTensorQuant(_ActQuant):
         return "int8/tensor/dynamic" + (", smooth" if self.smooth is not None else "")
 
 
-def act_quantizer(spec: ActSpec, observer: str = "minmax", percentile: float = 99.99,
-                  learnable: bool = False) -> _ActQuant:
+def act_quantizer(
+    spec: ActSpec, observer: str = "minmax", percentile: float = 99.99, learnable: bool = False
+) -> _ActQuant:
     """The fake quantizer for an activation scheme."""
     if spec.granularity == "token":
         return TokenQuant(spec.bits)
@@ -265,8 +284,7 @@ class TensorQuant(_ActQuant):
     kind = "tensor"
     SAMPLE = 4096  # values kept per observed batch for the percentile and MSE searches
 
-    def __init__(self, bits: int = 8, observer: str = "minmax", percentile: float = 99.99,
-                 learnable: bool = False):
+    def __init__(self, bits: int = 8, observer: str = "minmax", percentile: float = 99.99, learnable: bool = False):
         super().__init__(bits)
         if observer not in OBSERVERS:
             raise FxcookError(f"observer: unknown {observer!r}; choose one of {', '.join(OBSERVERS)}")
@@ -286,8 +304,10 @@ class TensorQuant(_ActQuant):
             self._observe(x.detach())
             return x
         if not self.calibrated:
-            raise FxcookError("a static (int/tensor) activation quantizer has no scale: run "
-                              "fxcook.passes.quantize.quantizers.calibrate(cooked, batches) or pass calibration data to Quantize")
+            raise FxcookError(
+                "a static (int/tensor) activation quantizer has no scale: run "
+                "fxcook.passes.quantize.quantizers.calibrate(cooked, batches) or pass calibration data to Quantize"
+            )
         scale = self.scale.abs().clamp(min=EPS)
         if self.learnable:
             scale = _grad_scaled(scale, (x.numel() * self.q) ** -0.5)

@@ -6,6 +6,7 @@ input. `m4n2_2d` solves each 4x4 block exactly over the 90 patterns with two kep
 column (a greedy walk by |w| can end with only 7 kept), so the transposed weight, used by the
 weight-gradient GEMM, is 2:4 as well.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -12,6 +12,7 @@ With a `schedule`, masks are recomputed during training by `update_masks(cooked,
 ramp of sparsity for unstructured pruning (Zhu & Gupta), periodic 2:4 mask search for 2:4; pruned
 raw weights are kept (dormant, zero-gradient) until the mask is final, then zeroed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,9 @@ class SparsifyConfig(PassConfig):
     @model_validator(mode="after")
     def _consistent(self):
         if self.pattern == "2:4" and self.sparsity != 0.5:
-            raise ValueError(f"sparsity: 2:4 keeps exactly half; got sparsity={self.sparsity} (use pattern='unstructured')")
+            raise ValueError(
+                f"sparsity: 2:4 keeps exactly half; got sparsity={self.sparsity} (use pattern='unstructured')"
+            )
         if self.pattern == "unstructured" and self.method in ("m4n2_1d", "m4n2_2d"):
             raise ValueError(f"method: {self.method!r} is a 2:4 method; use 'magnitude' or 'wanda' for unstructured")
         return self
@@ -90,8 +93,9 @@ def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batche
         sums[path] = (x * x).sum(0) + sums.get(path, 0)
 
     with _quantizers_off(cooked):
-        record_inputs(cooked, {p: cooked.get_submodule(p) for p in paths}, record, calibration, "wanda calibration",
-                      max_batches)
+        record_inputs(
+            cooked, {p: cooked.get_submodule(p) for p in paths}, record, calibration, "wanda calibration", max_batches
+        )
     return {p: sums[p].sqrt() for p in paths}
 
 
@@ -117,7 +121,9 @@ class MaskState:
     activation norms.
     """
 
-    def __init__(self, config: SparsifyConfig, paths: list[str], norms: dict[str, torch.Tensor], base: dict[str, torch.Tensor]):
+    def __init__(
+        self, config: SparsifyConfig, paths: list[str], norms: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+    ):
         self.config, self.paths, self.norms, self.base = config, paths, norms, base
         self.final = config.schedule is None and config.freeze
         self.last_update: int | None = None
@@ -202,9 +208,13 @@ class Sparsify(DataPass):
         for path, mod in self._linears(cooked):
             out_f, in_f = mod.weight.shape
             if cfg.pattern == "2:4" and in_f % 4:
-                raise PreconditionError(f"sparsify: {path} has in_features={in_f}, not a multiple of 4 (2:4); exclude it")
+                raise PreconditionError(
+                    f"sparsify: {path} has in_features={in_f}, not a multiple of 4 (2:4); exclude it"
+                )
             if cfg.method == "m4n2_2d" and out_f % 4:
-                raise PreconditionError(f"sparsify: {path} has out_features={out_f}, not a multiple of 4 (m4n2_2d); exclude it")
+                raise PreconditionError(
+                    f"sparsify: {path} has out_features={out_f}, not a multiple of 4 (m4n2_2d); exclude it"
+                )
 
     def call(self, cooked) -> PassResult:
         cfg = self.config
@@ -220,7 +230,9 @@ class Sparsify(DataPass):
             state.norms = {p: torch.ones(m.in_features) for p, m in linears}
             return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
         # read the calibration iterable once: sequential Wanda uses it per block, and a generator would run dry
-        batches = list(calibration_batches(self.calibration, self.name, cfg.calib_batches)) if cfg.method == "wanda" else []
+        batches = (
+            list(calibration_batches(self.calibration, self.name, cfg.calib_batches)) if cfg.method == "wanda" else []
+        )
         if cfg.method == "wanda" and cfg.sequential:
             # Wanda's order: each block is calibrated on inputs produced by the already-pruned blocks before it
             groups: dict[str | None, list[str]] = {}

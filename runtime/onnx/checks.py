@@ -1,19 +1,28 @@
 """Checks on exported ONNX files: which GEMM weights are 2:4 sparse along their reduction axis, so a
 sparse tactic (TensorRT, cuSPARSELt) can use them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from fxcook.passes.sparsify.masks import count_24_violations
 
 __all__ = ["GemmWeight", "Sparse24Report", "validate_onnx_24"]
 
 # op type -> index of the weight input; the weight's reduction axis is found per node below.
 # (com.microsoft fused forms included: ORT's optimizer rewrites DQ -> MatMul into them.)
-_GEMM_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3, "MatMulIntegerToFloat": 1,
-                      "DynamicQuantizeMatMul": 1, "QGemm": 3}
+_GEMM_WEIGHT_INPUT = {
+    "MatMul": 1,
+    "Gemm": 1,
+    "MatMulInteger": 1,
+    "QLinearMatMul": 3,
+    "MatMulIntegerToFloat": 1,
+    "DynamicQuantizeMatMul": 1,
+    "QGemm": 3,
+}
 # nodes a weight may pass through between its initializer and the GEMM, keeping its values' zeros.
 _PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity", "Transpose"}
 
@@ -57,7 +66,10 @@ class Sparse24Report:
             raise ValueError(f"{self.path}: {n_ok}/{len(self.weights)} GEMM weights are 2:4; not 2:4: {names}")
 
     def table(self) -> str:
-        lines = ["| node | op | weight | K x N | 2:4 groups ok | density | sparse tactic |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| node | op | weight | K x N | 2:4 groups ok | density | sparse tactic |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for w in self.weights:
             tactic = "eligible" if w.eligible else f"dense ({w.reason})"
             ok = f"{w.groups - w.bad_groups}/{w.groups}"
@@ -121,6 +133,18 @@ def validate_onnx_24(model, min_k: int = 16, min_n: int = 16) -> Sparse24Report:
             reason = f"K={k}, N={n_out} not multiples of {min_k}, {min_n}"
         density = float((w != 0).float().mean())
         report.weights.append(
-            GemmWeight(node.name or node.output[0], node.op_type, name, tuple(w.shape), k, n_out, groups, bad, density, not reason, reason)
+            GemmWeight(
+                node.name or node.output[0],
+                node.op_type,
+                name,
+                tuple(w.shape),
+                k,
+                n_out,
+                groups,
+                bad,
+                density,
+                not reason,
+                reason,
+            )
         )
     return report

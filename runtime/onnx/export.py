@@ -20,6 +20,7 @@ the translations (`fxcook.runtime.onnx.translations`) emit:
 
 Batch and sequence axes stay dynamic; the IR version is capped at what ONNX Runtime accepts.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,11 @@ from typing import Any
 
 import onnx
 import torch
-from fxcook.runtime.lowering import Flat, lowered
-from fxcook.runtime.onnx.translations import load_all
 from torch import nn
 
 from fxcook.errors import FxcookError
+from fxcook.runtime.lowering import Flat, lowered
+from fxcook.runtime.onnx.translations import load_all
 from fxcook.tracing import dynamic_spec, split_inputs
 
 __all__ = ["MAX_IR_VERSION", "export"]
@@ -48,8 +49,15 @@ def _output_names(out: Any) -> list[str]:
     return [f"output_{i}" for i in range(len(out))]
 
 
-def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, opset: int = 20,
-           dynamic: bool = True, optimize: bool = True) -> Path:
+def export(
+    cooked: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any = None,
+    *,
+    opset: int = 20,
+    dynamic: bool = True,
+    optimize: bool = True,
+) -> Path:
     """Write `cooked` as an ONNX model ONNX Runtime runs with integer GEMMs; returns the path.
 
     `example_inputs`: a batch the model accepts (dict of keyword tensors, tuple or tensor).
@@ -66,24 +74,35 @@ def export(cooked: nn.Module, path: str | os.PathLike, example_inputs: Any = Non
             flat = (*args, *kwargs.values())
             shapes = {"inputs": tuple(dynamic_spec(t) for t in flat)} if dynamic else None
             input_names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
-            program = torch.onnx.export(Flat(low, len(args), list(kwargs)), flat, dynamo=True,
-                                        opset_version=opset, dynamic_shapes=shapes, input_names=input_names,
-                                        output_names=names, optimize=optimize,
-                                        custom_translation_table=load_all(), verbose=False)
+            program = torch.onnx.export(
+                Flat(low, len(args), list(kwargs)),
+                flat,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=shapes,
+                input_names=input_names,
+                output_names=names,
+                optimize=optimize,
+                custom_translation_table=load_all(),
+                verbose=False,
+            )
     except FxcookError:
         raise
     except Exception as exc:
         cause = _fxcook_cause(exc)
         if cause is not None:  # e.g. NotSupportedYet from an op translation, wrapped by the exporter
             raise cause from exc
-        raise FxcookError(f"ONNX export of {type(cooked).__name__} failed: {type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+        raise FxcookError(
+            f"ONNX export of {type(cooked).__name__} failed: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        ) from exc
     model = program.model_proto
     _share_initializers(model)
     _name_dynamic_axes(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     if not any(o.domain == "com.microsoft" for o in model.opset_import) and any(
-            n.domain == "com.microsoft" for n in model.graph.node):
+        n.domain == "com.microsoft" for n in model.graph.node
+    ):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _save_atomic(model, path)
     return path

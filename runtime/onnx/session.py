@@ -1,4 +1,5 @@
 """Run an exported ONNX model with ONNX Runtime (CPU), and read which kernels it really runs."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ aten ops the stock exporter lowers poorly, one module per technique.
 Each module adds an onnxscript translation per op to `ONNX_TRANSLATIONS`, which the ONNX exporter passes
 to `torch.onnx.export(custom_translation_table=...)`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,11 +39,17 @@ def ort_schema(name: str) -> onnx.defs.OpSchema:
     if src is None:
         raise NotSupportedYet(f"the installed onnxruntime has no com.microsoft.{name} op")
     P = onnx.defs.OpSchema.FormalParameter
-    opt = {o.name: getattr(onnx.defs.OpSchema.FormalParameterOption, o.name) for o in type(src.inputs[0].option).__members__.values()}
+    opt = {
+        o.name: getattr(onnx.defs.OpSchema.FormalParameterOption, o.name)
+        for o in type(src.inputs[0].option).__members__.values()
+    }
     params = lambda ps: [P(p.name, p.typeStr, param_option=opt[p.option.name]) for p in ps]
     return onnx.defs.OpSchema(
-        name, "com.microsoft", src.since_version,
-        inputs=params(src.inputs), outputs=params(src.outputs),
+        name,
+        "com.microsoft",
+        src.since_version,
+        inputs=params(src.inputs),
+        outputs=params(src.outputs),
         type_constraints=[(t.type_param_str, list(t.allowed_type_strs), "") for t in src.type_constraints],
         attributes=[
             onnx.defs.OpSchema.Attribute(a.name, getattr(onnx.defs.OpSchema.AttrType, a.type.name), required=False)
@@ -58,6 +65,6 @@ def ort_op(name: str) -> Op:
 
 def load_all() -> dict:
     """Import every translation module (registering its ops and translations); returns the table."""
-    from . import attention, moe, quant
+    from . import attention, moe, quant  # noqa: F401  (imported for their registrations)
 
     return ONNX_TRANSLATIONS

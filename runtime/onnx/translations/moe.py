@@ -6,18 +6,18 @@ translation turns fxcook's scores into probabilities that are 0 on the chosen ex
 elsewhere (so each chosen expert gets weight exactly 1/k) and scales the down-projection weights
 by k, which makes ORT compute the plain sum of the chosen experts' outputs, as the module does.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
-import fxcook.passes.moefy.ops
 import torch
-from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
 from onnxscript import FLOAT, UINT8
 from onnxscript import opset18 as op
 
 from fxcook.errors import NotSupportedYet
 from fxcook.qview import EPS
+from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
 
 ORT_MOE, ORT_QMOE = ort_op("MoE"), ort_op("QMoE")
 
@@ -60,9 +60,17 @@ def _absmax(w, axes: list[int]):
 
 
 def moe_ffn_onnx(
-    x: FLOAT, scores: FLOAT, up: FLOAT, up_bias: Optional[FLOAT], gate: Optional[FLOAT],
-    gate_bias: Optional[FLOAT], down: FLOAT, down_bias: Optional[FLOAT],
-    top_k: int, activation: str, weight_bits: int,
+    x: FLOAT,
+    scores: FLOAT,
+    up: FLOAT,
+    up_bias: Optional[FLOAT],
+    gate: Optional[FLOAT],
+    gate_bias: Optional[FLOAT],
+    down: FLOAT,
+    down_bias: Optional[FLOAT],
+    top_k: int,
+    activation: str,
+    weight_bits: int,
 ) -> FLOAT:
     """ONNX translation of fxcook::moe_ffn to com.microsoft.MoE / QMoE."""
     gated = gate is not None
@@ -87,8 +95,8 @@ def moe_ffn_onnx(
         fc2_bias = op.Expand(down_bias, experts_by_hidden)
     common = dict(k=top_k, normalize_routing_weights=1, **attrs)
     if weight_bits == 8:
-        s1 = _absmax(fc1, [2])                         # per expert row = per original output row
-        s2 = _absmax(down, [0, 2])                     # per output row over all experts' columns
+        s1 = _absmax(fc1, [2])  # per expert row = per original output row
+        s2 = _absmax(down, [0, 2])  # per output row over all experts' columns
         q1, q2 = _int8_rows(fc1, s1), _int8_rows(down, s2)
         scale1 = op.Squeeze(s1, [2])
         scale2 = op.Mul(op.Expand(op.Squeeze(s2, [2]), op.Shape(down, start=0, end=2)), k)
