@@ -6,13 +6,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import main_output, model_and_inputs
+from strategies import model_and_inputs
 from torch import nn
 
 import fxcook
 from fxcook.errors import CaptureError
 from fxcook.nn import CookedLinear
 from fxcook.testing import FAMILIES, tiny_inputs, tiny_model
+from fxcook.tracing import main_output
 
 SETTINGS = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
