@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcook.nn import CookedLinear
-from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
+from fxcook.passes.moefy.partition import balanced_kmeans
+from fxcook.passes.moefy.routed import MoEFFN
 
 
 class DenseFFN(nn.Module):

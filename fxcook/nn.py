@@ -8,6 +8,9 @@ through `input_quant`. A pruned weight is exactly zero before quantization and s
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,6 +115,23 @@ class CookedLinear(HookedWeight, nn.Module):
         if self.input_quant is not None:
             tags.append(f"act={type(self.input_quant).__name__}")
         return ", ".join(tags)
+
+
+@contextlib.contextmanager
+def swapped_quantizers(linears: Iterable[CookedLinear], swap: Callable[[CookedLinear], tuple]) -> Iterator[None]:
+    """Give each linear the (weight_quant, input_quant) pair `swap` returns for it; restore the old pair on exit.
+
+    Calibration and error measurement run the model with some quantizers off or changed, and must
+    leave it exactly as it was even when they fail.
+    """
+    stash = [(m, m.weight_quant, m.input_quant) for m in linears]
+    try:
+        for m, wq, iq in stash:
+            m.weight_quant, m.input_quant = swap(m)
+        yield
+    finally:
+        for m, wq, iq in stash:
+            m.weight_quant, m.input_quant = wq, iq
 
 
 class CookedEmbedding(HookedWeight, nn.Module):

@@ -22,6 +22,7 @@ from torch import nn
 
 from fxcook.errors import FxcookError, NotSupportedYet, PassError
 from fxcook.nn import CookedEmbedding, CookedLinear, param_quants
+from fxcook.passes.moefy import ops as _moe_ops  # noqa: F401  (registers fxcook::moe_ffn, called below)
 from fxcook.passes.moefy.routed import MoEFFN
 from fxcook.passes.quantize.experts import ExpertInputQuant, ExpertWeightQuant, safe_name
 from fxcook.passes.quantize.ops import TOKEN_ZERO_POINT

@@ -14,7 +14,8 @@ import fxcook
 from fxcook.errors import NotSupportedYet
 from fxcook.nn import CookedLinear
 from fxcook.passes import Moefy, Quantize, Relufy
-from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans
+from fxcook.passes.moefy.partition import balanced_kmeans
+from fxcook.passes.moefy.routed import MoEFFN
 from fxcook.passes.quantize.quantizers import WeightQuant
 from fxcook.runtime.onnx import export, session
 from fxcook.runtime.onnx.translations import load_all

@@ -12,7 +12,9 @@ import fxcook
 from fxcook.errors import PassError, PreconditionError
 from fxcook.nn import CookedLinear
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify
-from fxcook.passes.moefy.routed import MoEFFN, balanced_kmeans, coactivation_partition, router_recall, train_router
+from fxcook.passes.moefy.partition import balanced_kmeans, coactivation_partition
+from fxcook.passes.moefy.routed import MoEFFN
+from fxcook.passes.moefy.router import router_recall, train_router
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import main_output
 

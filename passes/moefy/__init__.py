@@ -1,5 +1,5 @@
-"""MoEfication: the Relufy pass (`relufy`), the Moefy pass (`moefy`), the routed expert FFN with its
-partitioning and router (`routed`) and the `fxcook::moe_ffn` op its export form calls (`ops`)."""
+"""MoEfication: the Relufy pass (`relufy`), the Moefy pass (`moefy`), neuron partitioning (`partition`),
+routers (`router`), the routed expert FFN (`routed`) and the `fxcook::moe_ffn` op its export form calls (`ops`)."""
 
 from fxcook.passes.moefy.moefy import Moefy
 from fxcook.passes.moefy.relufy import Relufy

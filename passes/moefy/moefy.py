@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 from fxcook.errors import PassError, PreconditionError, SelectorError
 from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
-from fxcook.passes.moefy.routed import ACTIVATIONS, MoEFFN, balanced_kmeans, coactivation_partition, train_router
+from fxcook.passes.moefy.partition import balanced_kmeans, coactivation_partition
+from fxcook.passes.moefy.routed import ACTIVATIONS, MoEFFN
+from fxcook.passes.moefy.router import train_router
 from fxcook.select import Select
 from fxcook.tracing import call_sites, check_calibration, record_inputs
 

@@ -1,36 +1,25 @@
-"""Routed-expert FFNs (MoEfication): expert construction, routers, and the routed module.
+"""Routed-expert FFNs (MoEfication): expert weights and the routed module.
 
 A dense FFN ``down(act(up(x)))`` (or gated ``down(act(gate(x)) * up(x))``) is split into E
-experts by partitioning its intermediate neurons into E equal groups and permuting the weights
-into an expert-major layout ``[E, m, d]`` / ``[E, d, m]``. Every parameter value is kept, so with
-all experts active the module computes the original FFN; with top-k of E experts it computes only
-the chosen experts per token (tokens grouped per expert, one GEMM per expert), which is where the
-real compute saving comes from.
+experts by partitioning its intermediate neurons into E equal groups (`partition`) and permuting
+the weights into an expert-major layout ``[E, m, d]`` / ``[E, d, m]``. Every parameter value is
+kept, so with all experts active the module computes the original FFN; with top-k of E experts it
+computes only the chosen experts per token (tokens grouped per expert, one GEMM per expert), which
+is where the real compute saving comes from. Routers live in `router`.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
-from tqdm.auto import tqdm
 
 from fxcook.nn import HookedWeight
+from fxcook.passes.moefy.router import MLPRouter
 
-__all__ = [
-    "ACTIVATIONS",
-    "ExpertLinear",
-    "MLPRouter",
-    "MoEFFN",
-    "balanced_kmeans",
-    "coactivation_partition",
-    "router_recall",
-    "train_router",
-]
+__all__ = ["ACTIVATIONS", "ExpertLinear", "MoEFFN", "routed_ffn"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -41,65 +30,8 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Expert construction
+# Expert weights with inherited compression hooks
 # --------------------------------------------------------------------------------------------
-
-
-def _balanced_assign(dist: torch.Tensor, size: int) -> torch.Tensor:
-    """Exact size-constrained assignment: each cluster gets `size` points, total distance minimal.
-
-    Solved as a linear assignment of points to `size` copies of every centroid.
-    """
-    cost = np.repeat(dist.double().cpu().numpy(), size, axis=1)
-    rows, cols = linear_sum_assignment(cost)
-    labels = np.empty(dist.shape[0], dtype=np.int64)
-    labels[rows] = cols // size
-    return torch.from_numpy(labels)
-
-
-def balanced_kmeans(points: torch.Tensor, clusters: int, iters: int = 15, seed: int = 0) -> torch.Tensor:
-    """Balanced k-means: labels [n] with every cluster holding exactly n / clusters points.
-
-    MoEfication's parameter clustering runs this on the L2-normalised rows of the input projection
-    (one row per intermediate neuron), so neurons with similar input directions share an expert.
-    """
-    n = points.shape[0]
-    if clusters <= 0 or n % clusters:
-        raise ValueError(f"balanced_kmeans: {n} points cannot be split into {clusters} equal clusters")
-    size = n // clusters
-    points = points.detach().float().cpu()
-    gen = torch.Generator().manual_seed(seed)
-    centroids = points[torch.randperm(n, generator=gen)[:clusters]].clone()
-    labels = None
-    for _ in range(iters):
-        new = _balanced_assign(torch.cdist(points, centroids), size)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-        centroids = torch.zeros_like(centroids).index_add_(0, labels, points) / size
-    return labels
-
-
-def coactivation_partition(active: torch.Tensor, clusters: int, seed: int = 0) -> torch.Tensor:
-    """Partition neurons into equal groups that fire together, from calibration activations.
-
-    `active` is [tokens, neurons] (bool or activation values; > 0 counts as firing). The
-    co-activation graph has edge weight = how often two neurons fire on the same token; a spectral
-    embedding of its normalised adjacency followed by balanced k-means gives a balanced graph
-    partition (few strong edges cut) without a METIS dependency.
-    """
-    a = (active.detach().reshape(-1, active.shape[-1]) > 0).float().cpu()
-    n = a.shape[1]
-    if clusters <= 0 or n % clusters:
-        raise ValueError(f"coactivation_partition: {n} neurons cannot be split into {clusters} equal groups")
-    co = a.T @ a
-    co.fill_diagonal_(0)
-    deg = co.sum(1).clamp_min(1e-6)
-    norm = co / deg.sqrt()[:, None] / deg.sqrt()[None, :]
-    _, vecs = torch.linalg.eigh(norm.double())
-    emb = vecs[:, -clusters:].float()
-    emb = F.normalize(emb, dim=1)
-    return balanced_kmeans(emb, clusters, seed=seed)
 
 
 def _check_labels(labels: torch.Tensor, experts: int) -> torch.Tensor:
@@ -108,11 +40,6 @@ def _check_labels(labels: torch.Tensor, experts: int) -> torch.Tensor:
     if counts.numel() != experts or not bool((counts == counts[0]).all()):
         raise ValueError(f"expert labels must form {experts} equal groups, got sizes {counts.tolist()}")
     return torch.argsort(labels, stable=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Expert weights with inherited compression hooks
-# --------------------------------------------------------------------------------------------
 
 
 class ExpertLinear(HookedWeight, nn.Module):
@@ -172,88 +99,6 @@ class ExpertLinear(HookedWeight, nn.Module):
         if self.split == "out":
             return w.reshape(-1, w.shape[-1])
         return w.permute(1, 0, 2).reshape(w.shape[1], -1)
-
-
-# --------------------------------------------------------------------------------------------
-# Routers
-# --------------------------------------------------------------------------------------------
-
-
-class MLPRouter(nn.Module):
-    """MoEfication's learned router: Linear(d, E) -> tanh -> Linear(E, E) on x / ||x||."""
-
-    def __init__(self, hidden: int, experts: int, centroids: torch.Tensor | None = None):
-        super().__init__()
-        self.proj = nn.Linear(hidden, experts, bias=False)
-        self.mix = nn.Linear(experts, experts, bias=False)
-        with torch.no_grad():
-            self.mix.weight.copy_(torch.eye(experts))
-            if centroids is not None:
-                self.proj.weight.copy_(centroids)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(torch.tanh(self.proj(F.normalize(x, dim=-1))))
-
-
-def router_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
-    """Share of the true activation mass caught by the top-k experts the scores choose."""
-    idx = scores.topk(k, dim=-1).indices
-    caught = mass.gather(-1, idx).sum(-1)
-    total = mass.sum(-1)
-    return min(1.0, float(caught.sum() / total.sum().clamp_min(1e-12)))
-
-
-def train_router(
-    router: nn.Module,
-    hidden: torch.Tensor,
-    mass: torch.Tensor,
-    k: int,
-    epochs: int = 30,
-    lr: float = 1e-2,
-    batch_size: int = 512,
-    holdout: float = 0.1,
-    seed: int = 0,
-    desc: str = "router",
-    progress: bool = True,
-) -> dict[str, float]:
-    """Fit `router` to the experts' activation mass with BCE; returns held-out recall.
-
-    Targets are the per-expert activation mass divided by its maximum over the calibration set;
-    tokens are split 90/10 (by default) into train and held-out sets.
-    """
-    hidden = hidden.detach().reshape(-1, hidden.shape[-1]).float()
-    mass = mass.detach().reshape(-1, mass.shape[-1]).float()
-    n = hidden.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(n * holdout))) if n > 1 else 0
-    val, tr = order[:n_val], order[n_val:]
-    if tr.numel() == 0:
-        tr = val
-    target = mass / mass.max().clamp_min(1e-12)
-    opt = torch.optim.Adam(router.parameters(), lr=lr)
-    router.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    loss_value = float("nan")
-    for _ in bar:
-        perm = tr[torch.randperm(tr.numel(), generator=gen)]
-        for start in range(0, perm.numel(), batch_size):
-            b = perm[start : start + batch_size]
-            loss = F.binary_cross_entropy_with_logits(router(hidden[b]), target[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loss_value = float(loss.detach())
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-    router.eval()
-    with torch.no_grad():
-        recall = router_recall(router(hidden[val]), mass[val], k)
-    return {"recall": recall, "loss": loss_value, "train_tokens": int(tr.numel()), "val_tokens": int(val.numel())}
-
-
-# --------------------------------------------------------------------------------------------
-# The routed FFN
-# --------------------------------------------------------------------------------------------
 
 
 def _route(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from fxcook.errors import FxcookError, PassError, PreconditionError, SelectorError
-from fxcook.nn import CookedLinear
+from fxcook.nn import CookedLinear, swapped_quantizers
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.passes.quantize.embeddings import cook_embeddings
 from fxcook.passes.quantize.experts import quantize_experts, select_experts
@@ -247,14 +247,9 @@ class Quantize(DataPass):
         """
         if self._static():
             calibrate(cooked, batches, desc="quantize calibration")
-        stash = {p: (m.weight_quant, m.input_quant) for p, m in linears.items()}
-        for p, m in linears.items():  # the float reference keeps the SmoothQuant divisors
-            m.weight_quant, m.input_quant = None, _SmoothOnly(stash[p][1])
-        try:
+        # the float reference keeps the SmoothQuant divisors
+        with swapped_quantizers(linears.values(), lambda m: (None, _SmoothOnly(m.input_quant))):
             refs = [_first_tensor(call_batch(cooked, b)) for b in batches]
-        finally:
-            for p, m in linears.items():
-                m.weight_quant, m.input_quant = stash[p]
 
         def error() -> float:
             return sum(_masked_sq_error(_first_tensor(call_batch(cooked, b)), r, b) for b, r in zip(batches, refs))
@@ -263,11 +258,10 @@ class Quantize(DataPass):
         base, gain = error(), {}
         spec = parse_acts(self.config.sensitive_acts)
         for key, paths in tqdm(groups.items(), desc="quantize sensitivity", leave=False):
-            for p in paths:
-                linears[p].input_quant = _switched(stash[p][1], spec)
-            gain[key] = base - error()
-            for p in paths:
-                linears[p].input_quant = stash[p][1]
+            with swapped_quantizers(
+                [linears[p] for p in paths], lambda m: (m.weight_quant, _switched(m.input_quant, spec))
+            ):
+                gain[key] = base - error()
         ranked = [k for k in sorted(gain, key=gain.__getitem__, reverse=True) if gain[k] > 0]
         return [p for k in ranked[: self.config.sensitive_inputs] for p in groups[k]]
 
@@ -284,14 +278,8 @@ class Quantize(DataPass):
             m = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
             amax[path] = m if path not in amax else torch.maximum(amax[path], m)
 
-        stash = [(m, m.weight_quant, m.input_quant) for m in linears.values()]
-        for m in linears.values():
-            m.weight_quant = m.input_quant = None
-        try:
+        with swapped_quantizers(linears.values(), lambda m: (None, None)):
             record_inputs(cooked, linears, record, batches, "smoothquant calibration")
-        finally:
-            for m, wq, iq in stash:
-                m.weight_quant, m.input_quant = wq, iq
         factors = {}
         for paths in _input_groups(cooked, linears).values():
             mods = [linears[p] for p in paths]

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fxcook.errors import PassError, PreconditionError
-from fxcook.nn import CookedLinear
+from fxcook.nn import CookedLinear, swapped_quantizers
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.passes.sparsify.masks import count_24_violations, make_mask
 from fxcook.select import Select
@@ -71,17 +71,10 @@ class SparsifyConfig(PassConfig):
 
 @contextlib.contextmanager
 def _quantizers_off(cooked):
-    """Run the float model: stash every CookedLinear's quantizers, restore them on exit."""
-    stash = []
-    for mod in cooked.modules():
-        if isinstance(mod, CookedLinear):
-            stash.append((mod, mod.weight_quant, mod.input_quant))
-            mod.weight_quant = mod.input_quant = None
-    try:
+    """Run the float model: every CookedLinear's quantizers off, restored on exit."""
+    linears = [mod for mod in cooked.modules() if isinstance(mod, CookedLinear)]
+    with swapped_quantizers(linears, lambda m: (None, None)):
         yield
-    finally:
-        for mod, wq, iq in stash:
-            mod.weight_quant, mod.input_quant = wq, iq
 
 
 def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batches: int) -> dict[str, torch.Tensor]:
