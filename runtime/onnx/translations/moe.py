@@ -16,6 +16,7 @@ from onnxscript import FLOAT, UINT8
 from onnxscript import opset18 as op
 
 from fxcook.errors import NotSupportedYet
+from fxcook.passes.moefy import ops as _moe_ops  # noqa: F401  (registers fxcook::moe_ffn, translated below)
 from fxcook.qview import EPS
 from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, ort_op
 
