@@ -59,9 +59,9 @@ def test_nearest_ranks_the_intended_path_first(bert, data):
     path = data.draw(st.sampled_from(paths))
     parts = path.split(".")
     suffix = ".".join(parts[data.draw(st.integers(0, len(parts) - 1)) :])
-    i = data.draw(st.integers(0, len(suffix) - 1))
-    typo = suffix[:i] + suffix[i + 1 :]  # one character dropped
+    # drop one character that is not a layer number (dropping the "1" of "layer.1" names no layer at all)
+    i = data.draw(st.sampled_from([j for j, c in enumerate(suffix) if not c.isdigit()]))
+    typo = suffix[:i] + suffix[i + 1 :]
     best = nearest(typo, paths)[0]
-    # the intended path, or (when the dropped character was the one telling layers apart, e.g. the "1" of
-    # "1.attention.self.query") a path the typo is an exact suffix of
-    assert best.endswith((suffix, typo, "." + typo))
+    # the intended path, or, when the suffix names no layer, one of the paths it ends every layer with
+    assert best.endswith(suffix)
