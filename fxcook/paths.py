@@ -26,15 +26,6 @@ def _writable(path: Path, what: str) -> None:
         raise FxcookError(f"{what} {path}: cannot write into {ancestor} ({e.strerror or e})") from e
 
 
-def model_dir(name: str) -> Path | None:
-    """The local directory a model name loads from ('minilm' or a directory), else None."""
-    if name == "minilm":
-        from fxcook.models import minilm_path
-
-        return minilm_path()
-    return Path(name) if Path(name).is_dir() else None
-
-
 def check_out_dir(path: Path, what: str = "--out", source: Path | None = None) -> Path:
     """An output directory: not an existing file, writable, and not the input model directory
     `source` or inside it (writing there would overwrite the original weights)."""

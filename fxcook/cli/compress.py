@@ -6,7 +6,8 @@ from pathlib import Path
 
 from fxcook.cli.inspect import load_named
 from fxcook.data import calibration_for
-from fxcook.paths import check_out_dir, model_dir
+from fxcook.models import model_dir
+from fxcook.paths import check_out_dir
 
 
 def cmd_compress(args) -> int:

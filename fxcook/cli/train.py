@@ -99,8 +99,8 @@ def main(args: argparse.Namespace) -> int:
     from fxcook.artifact import is_artifact, load, load_tokenizer, save, tokenizer_extra
     from fxcook.checkpoint import write_atomic
     from fxcook.data import calibration_for, check_known_tokens, lines_from
-    from fxcook.models import example_batch, load_model
-    from fxcook.paths import check_out_dir, model_dir
+    from fxcook.models import example_batch, load_model, model_dir
+    from fxcook.paths import check_out_dir
     from fxcook.pipeline import apply
     from fxcook.pipeline import compile as fx_compile
 

@@ -201,12 +201,13 @@ class _ActQuant(nn.Module):
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.smooth is None else x / self.smooth
 
-    def scheme(self) -> str:
-        raise NotImplementedError
-
     def describe(self) -> str:
-        """The scheme as `CookedModel.print_graph` shows it: `int8/token`, `int8/tensor minmax smoothquant`."""
+        """The scheme (each subclass's `scheme()`) as `CookedModel.print_graph` shows it: `int8/token`,
+        `int8/tensor minmax smoothquant`."""
         return self.scheme() + (" smoothquant" if self.smooth is not None else "")
+
+    def extra_repr(self) -> str:
+        return self.scheme() + (", smooth" if self.smooth is not None else "")
 
 
 class TokenQuant(_ActQuant):
@@ -223,9 +224,6 @@ class TokenQuant(_ActQuant):
 
     def scheme(self) -> str:
         return f"int{self.bits}/token"
-
-    def extra_repr(self) -> str:
-        return f"int{self.bits}/token" + (", smooth" if self.smooth is not None else "")
 
 
 class DynamicTensorQuant(_ActQuant):
@@ -258,9 +256,6 @@ class DynamicTensorQuant(_ActQuant):
 
     def scheme(self) -> str:
         return "int8/tensor/dynamic"
-
-    def extra_repr(self) -> str:
-        return "int8/tensor/dynamic" + (", smooth" if self.smooth is not None else "")
 
 
 def act_quantizer(
