@@ -103,15 +103,15 @@ def _stop_at(step_to_stop):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     whole, whole_gate = _student()
-    ref = _train(whole, 6)
+    ref = _train(whole, 5)
     cooked, _ = _student()
-    with pytest.raises(Stop):  # dies in step 4: the checkpoint of step 3 is the latest
-        _train(cooked, 6, out=tmp_path, save_every=1, callback=_stop_at(4), eval_every=1)
+    with pytest.raises(Stop):  # dies in step 3: the checkpoint of step 2 is the latest
+        _train(cooked, 5, out=tmp_path, save_every=1, callback=_stop_at(3), eval_every=1)
     resumed, gate = _student()
-    res = _train(resumed, 6, out=tmp_path, save_every=1)
-    assert res.resumed_from == 3
-    assert res.losses == pytest.approx(ref.losses[3:], rel=1e-6)
-    for a, b in zip(res.log, ref.log[3:]):
+    res = _train(resumed, 5, out=tmp_path, save_every=1)
+    assert res.resumed_from == 2
+    assert res.losses == pytest.approx(ref.losses[2:], rel=1e-6)
+    for a, b in zip(res.log, ref.log[2:]):
         assert a["l0.lambda1"] == pytest.approx(b["l0.lambda1"], rel=1e-6, abs=1e-9)
         assert a["l0.expected_sparsity"] == pytest.approx(b["l0.expected_sparsity"], rel=1e-6)
     assert _lambdas(resumed) == pytest.approx(_lambdas(whole), rel=1e-6)
