@@ -84,6 +84,7 @@ def test_fixed_gate_is_final_and_survives_the_state_dict():
     z = gate.fix()
     assert gate.final and not gate.log_alpha.requires_grad
     assert torch.equal(gate.train()(), z) and torch.equal(gate.eval()(), z)
+    assert gate.describe() == "hard-concrete gates (fixed): 3/4 open at test time"
     again = HardConcrete(4)
     again.load_state_dict(gate.state_dict())
     assert again.final and torch.equal(again(), z)

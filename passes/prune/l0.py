@@ -105,6 +105,12 @@ class HardConcrete(nn.Module):
     def extra_repr(self) -> str:
         return f"n={self.n}, final={self.final}"
 
+    def describe(self) -> str:
+        """The note beside this gate's node in `CookedModel.graph_text()`."""
+        z = self.fixed if self.final else self.deterministic()
+        kind = "fixed" if self.final else "learned"
+        return f"hard-concrete gates ({kind}): {int(z.count_nonzero())}/{self.n} open at test time"
+
 
 @dataclass(frozen=True)
 class SizeTerm:
