@@ -158,6 +158,8 @@ def test_bad_sizes_and_targets_name_the_culprit():
         Lagrangian(0.5, -1)
     with pytest.raises(FxcookError, match="n must be a positive integer"):
         HardConcrete(0)
+    with pytest.raises(FxcookError, match="gate_lr must be positive"):
+        L0Regulariser(ExpectedSize([SizeTerm(1.0, (gate,))]), Lagrangian(0.5), gate_lr=0.0)
 
 
 def test_target_ramps_linearly_over_warmup():

@@ -218,6 +218,8 @@ class L0Regulariser:
     name = "l0"
 
     def __init__(self, size: ExpectedSize, lagrangian: Lagrangian, gate_lr: float | None = 0.01):
+        if gate_lr is not None and not gate_lr > 0:
+            raise FxcookError(f"L0Regulariser: gate_lr must be positive (or None: the model's lr), got {gate_lr!r}")
         self.size, self.lagrangian, self.descent_lr = size, lagrangian, gate_lr
         self._terms: dict[str, float] = {}
 
