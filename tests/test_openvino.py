@@ -87,9 +87,7 @@ def test_sparse24_weights_are_exact_zeros():
 def test_moefied_model_runs_its_dense_equivalent_exactly():
     """Routed experts lower to every expert's GEMMs masked to each token's top-k: the routed values."""
     model, x = tiny_model("bert", seed=2), tiny_inputs("bert", seed=2)
-    cooked = fxcook.compile(
-        model, [Relufy(), Moefy(calibration=[x], experts=4, top_k=2, epochs=3)], example_inputs=x
-    )
+    cooked = fxcook.compile(model, [Relufy(), Moefy(calibration=[x], experts=4, top_k=2, epochs=3)], example_inputs=x)
     ov_model = fxov.OvModel(fxov.convert(cooked, x), precision="f32")
     x2 = tiny_inputs("bert", batch=3, seq=6, seed=9, pad=1)
     with torch.no_grad():
@@ -136,3 +134,17 @@ def test_bad_paths_are_named(tmp_path):
         fxov.OvModel(tmp_path / "missing.xml")
     with pytest.raises(FxcookError, match=r"model.onnx: needs the .xml suffix"):
         fxov.save(None, tmp_path / "model.onnx")
+
+
+def test_cli_export_to_openvino_writes_xml_and_bin(tmp_path):
+    from fxcook.cli import main
+
+    _, x, cooked = cooked_bert(SCHEMES["token+sq"], 4)
+    saved = fxcook.save(cooked, tmp_path / "saved")
+    assert main(["export", str(saved), "--to", "openvino"]) == 0
+    xml = tmp_path / "saved.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    ov_model = fxov.OvModel(xml, precision="f32")
+    assert ov_model.int8_gemms() == quantized_linears(cooked)
+    with torch.no_grad():
+        np.testing.assert_allclose(ov_model(**x), cooked(**x).last_hidden_state, rtol=1e-4, atol=1e-4)

@@ -40,7 +40,9 @@ def compile_model(
     """
     ov = require_openvino()
     if precision is not None and precision not in PRECISIONS:
-        raise FxcookError(f"inference_precision {precision!r}: use one of {', '.join(PRECISIONS)} (or None for the default)")
+        raise FxcookError(
+            f"inference_precision {precision!r}: use one of {', '.join(PRECISIONS)} (or None for the default)"
+        )
     if precision == "bf16" and not has_bf16():
         raise FxcookError(
             "inference_precision 'bf16': this CPU has no bf16 support (OpenVINO's CPU plugin lists no BF16 "
@@ -104,7 +106,9 @@ class OvModel:
     def feeds(self, **inputs) -> dict:
         missing = [n for n in self.names if n not in inputs]
         if missing:
-            raise FxcookError(f"OvModel: missing input(s) {', '.join(missing)} (the model takes {', '.join(self.names)})")
+            raise FxcookError(
+                f"OvModel: missing input(s) {', '.join(missing)} (the model takes {', '.join(self.names)})"
+            )
         return {n: inputs[n].numpy() for n in self.names}
 
     def __call__(self, **inputs) -> torch.Tensor:

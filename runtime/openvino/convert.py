@@ -43,7 +43,9 @@ def require_openvino():
     try:
         import openvino
     except ImportError as e:
-        raise FxcookError(f"the OpenVINO backend needs the openvino package, which is not installed: {INSTALL_HINT}") from e
+        raise FxcookError(
+            f"the OpenVINO backend needs the openvino package, which is not installed: {INSTALL_HINT}"
+        ) from e
     return openvino
 
 

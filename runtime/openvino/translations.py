@@ -33,7 +33,7 @@ def _activation(pre, activation: str):
 
 
 def _expert_gemm(a, w, bias):
-    """a [E or 1, T, in] times every expert's w [E, out, in] -> [E, T, out], plus bias [E, out]."""
+    """a [E, T, in] times every expert's w [E, out, in] -> [E, T, out], plus bias [E, out]."""
     y = op.MatMul(a, op.Transpose(w, perm=[0, 2, 1]))
     return y if bias is None else op.Add(y, op.Unsqueeze(bias, op.Constant(value_ints=[1])))
 
@@ -56,11 +56,18 @@ def dense_moe_ffn_onnx(
     zeros = op.Mul(scores, op.Constant(value_float=0.0))
     onehot = op.ScatterElements(zeros, chosen, op.Expand(op.Constant(value_float=1.0), op.Shape(chosen)), axis=1)
     mask = op.Unsqueeze(op.Transpose(onehot, perm=[1, 0]), op.Constant(value_ints=[-1]))  # [E, T, 1]
-    tokens = op.Unsqueeze(x, op.Constant(value_ints=[0]))
-    h = _activation(_expert_gemm(tokens, gate if gate is not None else up, gate_bias if gate is not None else up_bias), activation)
+    # the tokens repeated per expert: the CPU plugin's MatMul does not broadcast a batch of 1 here
+    tokens = op.Expand(
+        op.Unsqueeze(x, op.Constant(value_ints=[0])), op.Concat(op.Shape(up, start=0, end=1), op.Shape(x), axis=0)
+    )
+    h = _activation(
+        _expert_gemm(tokens, gate if gate is not None else up, gate_bias if gate is not None else up_bias), activation
+    )
     if gate is not None:
         h = op.Mul(h, _expert_gemm(tokens, up, up_bias))
-    out = op.ReduceSum(op.MatMul(op.Mul(h, mask), op.Transpose(down, perm=[0, 2, 1])), op.Constant(value_ints=[0]), keepdims=0)
+    out = op.ReduceSum(
+        op.MatMul(op.Mul(h, mask), op.Transpose(down, perm=[0, 2, 1])), op.Constant(value_ints=[0]), keepdims=0
+    )
     return out if down_bias is None else op.Add(out, down_bias)
 
 
