@@ -19,7 +19,7 @@ from onnxscript import FLOAT
 from onnxscript import opset20 as op
 
 from fxcook.passes.moefy import ops as _moe_ops  # noqa: F401  (registers fxcook::moe_ffn, translated below)
-from fxcook.runtime.onnx.translations import ONNX_TRANSLATIONS, load_all
+from fxcook.runtime.onnx.translations import load_all
 
 __all__ = ["dense_moe_ffn_onnx", "openvino_translations"]
 
