@@ -86,7 +86,7 @@ def int8_gemms(compiled) -> int:
 
 def layer_profile(request, top: int = 12) -> list[tuple[str, str, str, float]]:
     """The slowest executed layers of the last inference of `request` (compiled with profile=True):
-    (layer type, exec kernel, precision... as reported) and milliseconds, slowest first."""
+    (layer type, kernel, layer name, milliseconds), slowest first."""
     rows = [
         (p.node_type, p.exec_type, p.node_name, p.real_time.total_seconds() * 1e3)
         for p in request.profiling_info
@@ -98,8 +98,16 @@ def layer_profile(request, top: int = 12) -> list[tuple[str, str, str, float]]:
 class OvModel:
     """A compiled OpenVINO model called like the HF model: keyword tensors in, first output out."""
 
-    def __init__(self, model, *, precision: str | None = None, threads: int = 2, config: dict | None = None):
-        self.compiled = compile_model(model, precision=precision, threads=threads, config=config)
+    def __init__(
+        self,
+        model,
+        *,
+        precision: str | None = None,
+        threads: int = 2,
+        config: dict | None = None,
+        profile: bool = False,
+    ):
+        self.compiled = compile_model(model, precision=precision, threads=threads, config=config, profile=profile)
         self.request = self.compiled.create_infer_request()
         self.names = [i.get_any_name() for i in self.compiled.inputs]
 
