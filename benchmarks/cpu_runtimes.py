@@ -1,10 +1,11 @@
 """MiniLM on CPU runtimes, side by side in one process: torch fp32 eager, ONNX Runtime fp32 and its
 `quantize_dynamic`, OpenVINO (its default bf16 and f32) of the model as `torch.onnx.export` writes it,
 NNCF post-training quantization -> OpenVINO int8 (the path sentence-transformers ships as
-"openvino-qint8"), fxcook's int8 recipe in ONNX Runtime, and fxcook's models in OpenVINO
-(fxcook.runtime.openvino): int8 with static per-tensor activations (FakeQuantize), int8 per-token
-(dynamic) activations, the int8 + 2:4 and MoE recipes, and fxcook's int8 weights with OpenVINO's own
-dynamic activation quantization.
+"openvino-qint8"), and fxcook's models: int8 per-token (dynamic) activations in ONNX Runtime and
+in OpenVINO (fxcook.runtime.openvino), int8 with static per-tensor activations (FakeQuantize) in
+OpenVINO, the int8 + 2:4 and MoE recipes in OpenVINO, and fxcook's int8 weights with OpenVINO's own
+dynamic activation quantization. (fxcook's int8.yaml recipe uses per-tensor dynamic activations,
+which have no exact OpenVINO lowering; its ONNX Runtime numbers: benchmarks/quantize_minilm.py.)
 
 Speed: per shape (batch x sequence, padded), rounds interleaved across the variants so machine load
 hits all of them alike; reported: median ms, and the median of per-round time ratios to torch fp32
@@ -12,8 +13,9 @@ and to NNCF's model (quartiles in brackets). Fidelity: min / mean cosine of mean
 embeddings vs fp32 torch over held-out Shakespeare lines (calibration uses other lines).
 Per-layer profile (OpenVINO's PERF_COUNT) of NNCF's model and of fxcook's fastest, batch 8 x 128.
 
-    python benchmarks/cpu_runtimes.py [--rounds 10] [--samples 256] [--calibration 300] [--threads 2]
-        [--shapes 8x128 1x32 32x128] [--skip-moe] [--out benchmarks/results/cpu_runtimes.md]
+    python benchmarks/cpu_runtimes.py [--rounds 10] [--samples 256] [--calibration 300] [--fx-calibration 64]
+        [--threads 2] [--shapes 8x128 1x32 32x128] [--sensitive 0] [--skip-moe]
+        [--out benchmarks/results/cpu_runtimes.md]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from fxcook.recipe import load_recipe  # noqa: E402
 from fxcook.runtime import onnx as fxonnx  # noqa: E402
 from fxcook.runtime import openvino as fxov  # noqa: E402
 
-STATIC = dict(acts="int8/tensor", smoothquant=0.5, observer="mse", sensitive_inputs=6, sensitive_acts="int8/token")
+STATIC = dict(acts="int8/tensor", smoothquant=0.5, observer="mse")
 TOKEN = dict(acts="int8/token", smoothquant=0.5)
 NNCF = "NNCF PTQ (TRANSFORMER) -> OpenVINO int8"
 
@@ -66,32 +68,30 @@ def ir_bytes(model, path: Path) -> int:
     return path.stat().st_size + path.with_suffix(".bin").stat().st_size
 
 
-def fxcook_models(model, tok, calib: list[dict], skip_moe: bool) -> dict:
-    """fxcook's compressed models by row name: (cooked, runtime), runtime 'ort' or an OpenVINO config."""
-    out = {}
-    recipe = load_recipe("int8")
-    out["fxcook int8.yaml (a/tensor/dynamic) in ONNX Runtime"] = (
-        fxcook.compile(model, recipe.build(calibration=calibration_for(recipe, tok)), example_inputs=calib[0]),
-        "ort",
-    )
-    out["fxcook int8 static (FakeQuantize; 6 inputs per-token) in OpenVINO"] = (
-        fxcook.compile(model, [Quantize(calibration=calib, **STATIC)], example_inputs=calib[0]),
-        {},
-    )
-    out["fxcook int8 per-token (SmoothQuant 0.5) in OpenVINO"] = (
-        fxcook.compile(model, [Quantize(calibration=calib, **TOKEN)], example_inputs=calib[0]),
-        {},
-    )
-    out["fxcook int8 weights + OpenVINO's dynamic activations (group 32)"] = (
-        fxcook.compile(model, [Quantize(acts=None)], example_inputs=calib[0]),
+def fxcook_models(model, tok, calib: list[dict], sensitive: int, skip_moe: bool) -> dict:
+    """fxcook's compressed models by row name: (cooked, runtime), runtime 'ort' or an OpenVINO plugin config."""
+    compile_ = lambda passes: fxcook.compile(model, passes, example_inputs=calib[0])
+    token = compile_([Quantize(calibration=calib, **TOKEN)])
+    out = {
+        "fxcook int8 a/token + SmoothQuant 0.5 in ONNX Runtime": (token, "ort"),
+        "fxcook int8 a/token + SmoothQuant 0.5 in OpenVINO": (token, {}),
+        "fxcook int8 a/tensor static (SmoothQuant 0.5, MSE ranges) in OpenVINO": (
+            compile_([Quantize(calibration=calib, **STATIC)]),
+            {},
+        ),
+    }
+    if sensitive:
+        out[f"fxcook int8 a/tensor static, {sensitive} most sensitive inputs per token, in OpenVINO"] = (
+            compile_([Quantize(calibration=calib, sensitive_inputs=sensitive, sensitive_acts="int8/token", **STATIC)]),
+            {},
+        )
+    out["fxcook int8 weights + OpenVINO's own dynamic activations (group 32)"] = (
+        compile_([Quantize(acts=None)]),
         {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 32},
     )
     for name in ("int8_24",) + (() if skip_moe else ("moe",)):
         r = load_recipe(name)
-        out[f"fxcook {name}.yaml in OpenVINO"] = (
-            fxcook.compile(model, r.build(calibration=calibration_for(r, tok)), example_inputs=calib[0]),
-            {},
-        )
+        out[f"fxcook {name}.yaml in OpenVINO"] = (compile_(r.build(calibration=calibration_for(r, tok))), {})
     return out
 
 
@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--samples", type=int, default=256, help="held-out lines for fidelity")
-    ap.add_argument("--calibration", type=int, default=300, help="calibration lines (fxcook static/per-token, NNCF)")
+    ap.add_argument("--calibration", type=int, default=300, help="NNCF's calibration lines")
+    ap.add_argument("--fx-calibration", type=int, default=64, help="fxcook's calibration lines (its recipes' 64)")
+    ap.add_argument("--sensitive", type=int, default=0, help="also a static row with N per-token inputs (slow search)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shapes", nargs="+", default=["8x128", "1x32", "32x128"])
     ap.add_argument("--skip-moe", action="store_true")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
         lines[args.calibration : args.calibration + args.samples],
         lines[-64:],
     )
-    calib = token_batches(tok, calib_lines, 16)
+    calib = token_batches(tok, calib_lines[: args.fx_calibration], 16)
     tmp = Path(tempfile.mkdtemp(prefix="fxcook-cpu-"))
     standard_export(model, calib[0], tmp / "fp32.onnx")
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_pc.onnx"), per_channel=True, weight_type=QuantType.QInt8)
@@ -139,7 +141,9 @@ def main(argv=None) -> int:
     print(f"NNCF PTQ: {time.perf_counter() - t0:.0f} s", flush=True)
     sizes[NNCF] = ir_bytes(nncf_ov, tmp / "nncf.xml")
     runners[NNCF], sources[NNCF] = fxov.OvModel(nncf_ov, threads=args.threads), (nncf_ov, {})
-    for i, (name, (cooked, where)) in enumerate(fxcook_models(model, tok, calib, args.skip_moe).items()):
+    for i, (name, (cooked, where)) in enumerate(
+        fxcook_models(model, tok, calib, args.sensitive, args.skip_moe).items()
+    ):
         if where == "ort":
             path = fxonnx.export(cooked, tmp / f"fx{i}.onnx", example_inputs=calib[0])
             sizes[name], runners[name] = _onnx_bytes(path), fxonnx.OrtModel(path, args.threads)
@@ -237,8 +241,8 @@ def _report(args, argv, rows, sizes, times, profile, n_held) -> str:
         "",
         f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, openvino "
         f"{ov.__version__.split('-')[0]}, nncf {__import__('nncf').__version__}; {args.rounds} interleaved rounds per "
-        f"shape; fidelity over {n_held} held-out Shakespeare lines; {args.calibration} calibration lines for NNCF and "
-        "fxcook's static / per-token rows (the recipes calibrate as they say). The machine (AMD EPYC, AVX-512 VNNI + "
+        f"shape; fidelity over {n_held} held-out Shakespeare lines; {args.calibration} calibration lines for NNCF, "
+        f"{args.fx_calibration} for fxcook's models (the recipes calibrate as they say). The machine (AMD EPYC, AVX-512 VNNI + "
         "BF16, 2 cores) was shared with other work while this ran: absolute ms are noisy, the per-round ratios "
         "less so.",
         "",
