@@ -11,7 +11,7 @@ Speed: per shape (batch x sequence, padded), rounds interleaved across the varia
 hits all of them alike; reported: median ms, and the median of per-round time ratios to torch fp32
 and to NNCF's model (quartiles in brackets). Fidelity: min / mean cosine of mean-pooled sentence
 embeddings vs fp32 torch over held-out Shakespeare lines (calibration uses other lines).
-Per-layer profile (OpenVINO's PERF_COUNT) of NNCF's model and of fxcook's fastest, batch 8 x 128.
+Per-layer profile (OpenVINO's PERF_COUNT) of NNCF's model, fxcook's fastest and fxcook's per-token model, 8 x 128.
 
     python benchmarks/cpu_runtimes.py [--rounds 10] [--samples 256] [--calibration 300] [--fx-calibration 64]
         [--threads 2] [--shapes 8x128 1x32 32x128] [--sensitive 0] [--skip-moe]
@@ -210,14 +210,16 @@ def _ratio(times: list[float], ref: list[float]) -> tuple[float, float, float]:
 
 
 def _profiles(sources: dict, times: dict | None, tok, lines: list[str], threads: int) -> dict[str, list]:
-    """Per layer type and kernel, total ms of one 8 x 128 inference: NNCF's model and fxcook's fastest."""
+    """Per layer type and kernel, total ms of one 8 x 128 inference: NNCF's model, fxcook's fastest and
+    fxcook's per-token model (where the dynamic quantization's time goes)."""
     fx = [n for n in sources if n != NNCF]
     if times is None or not fx:
         return {}
     fastest = min(fx, key=lambda n: statistics.median(times[n]))
     enc = dict(tok((lines * 2)[:8], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     out = {}
-    for name in (NNCF, fastest):
+    token = "fxcook int8 a/token + SmoothQuant 0.5 in OpenVINO"
+    for name in dict.fromkeys((NNCF, fastest, token)):
         model, config = sources[name]
         run = fxov.OvModel(model, threads=threads, config=config, profile=True)
         feeds = run.feeds(**enc)
