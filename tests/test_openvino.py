@@ -148,3 +148,15 @@ def test_cli_export_to_openvino_writes_xml_and_bin(tmp_path):
     assert ov_model.int8_gemms() == quantized_linears(cooked)
     with torch.no_grad():
         np.testing.assert_allclose(ov_model(**x), cooked(**x).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_an_op_openvino_cannot_read_is_named_with_the_passes(monkeypatch):
+    import openvino
+
+    def refuse(path, **_):
+        raise RuntimeError("Check failed\nOpConversionFailure: com.microsoft.Frobnicate is not supported\nmore")
+
+    monkeypatch.setattr(openvino, "convert_model", refuse)
+    _, x, cooked = cooked_bert(SCHEMES["token"], 0)
+    with pytest.raises(FxcookError, match=r"\(passes: quantize\).*Frobnicate is not supported.*no\s+OpenVINO lowering"):
+        fxov.convert(cooked, x)
