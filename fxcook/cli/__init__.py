@@ -38,13 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--onnx", action="store_true", help="also export --out/model.onnx (ONNX Runtime, integer GEMMs)")
     com.add_argument("--per-layer", action="store_true", help="report every layer, not only the totals")
     com.set_defaults(func=compress.cmd_compress)
-    exp = sub.add_parser("export", help="export a saved compressed model to ONNX or a TensorRT engine")
+    exp = sub.add_parser("export", help="export a saved compressed model to ONNX, OpenVINO IR or a TensorRT engine")
     exp.add_argument("dir", help="a directory written by compress, train (its model/) or fxcook.save")
-    exp.add_argument("--to", required=True, choices=("onnx", "tensorrt"), help="target runtime")
+    exp.add_argument("--to", required=True, choices=("onnx", "openvino", "tensorrt"), help="target runtime")
     exp.add_argument(
         "--out",
-        help="output file (default: DIR.onnx or DIR.engine beside DIR; "
-        "tensorrt also writes the ONNX it builds from, with suffix .onnx)",
+        help="output file (default: DIR.onnx, DIR.xml or DIR.engine beside DIR; openvino writes its weights "
+        "to the .bin beside the .xml; tensorrt also writes the ONNX it builds from, with suffix .onnx)",
     )
     exp.add_argument("--sparse", action="store_true", help="tensorrt: let TensorRT use 2:4 sparse weights")
     exp.set_defaults(func=export.cmd_export)

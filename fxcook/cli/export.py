@@ -1,4 +1,4 @@
-"""`fxcook export`: a saved model to ONNX or a TensorRT engine."""
+"""`fxcook export`: a saved model to ONNX, OpenVINO IR (model.xml + model.bin) or a TensorRT engine."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ def cmd_export(args) -> int:
     source = Path(args.dir)
     if not source.is_dir():
         raise FxcookError(f"export: {source} is not a directory holding a saved fxcook model")
-    suffix = ".onnx" if args.to == "onnx" else ".engine"
+    suffix = {"onnx": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[args.to]
     target = check_out_file(Path(args.out) if args.out else source.with_name(source.name + suffix))
+    if args.to == "openvino":
+        return _export_openvino(source, target)
     if args.to == "tensorrt" and target.suffix == ".onnx":
         raise FxcookError(
             f"--out {target}: a TensorRT engine needs another suffix than .onnx (e.g. .engine), "
@@ -30,4 +32,15 @@ def cmd_export(args) -> int:
         from fxcook.runtime import tensorrt as trt_rt
 
         print(f"wrote {trt_rt.build_engine(onnx_path, target, sparse=args.sparse)}")
+    return 0
+
+
+def _export_openvino(source: Path, target: Path) -> int:
+    from fxcook import load
+    from fxcook.runtime import openvino as ov_rt
+
+    cooked = load(source)
+    print(
+        f"wrote {ov_rt.export(cooked, target, example_inputs=cooked.origin.inputs)} (+ {target.with_suffix('.bin').name})"
+    )
     return 0
