@@ -41,6 +41,10 @@ def configs(draw):
 
 def gated(fam, over, seed):
     model = tiny_model(fam, seed=seed, **over)
+    with torch.no_grad():  # HF inits biases to zero, which would hide a bias the gates must scale
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
     x = tiny_inputs(fam, seed=seed)
     return fxcook.compile(model, [Prune(target=0.3, granularity=ALL, calibration=[x])], example_inputs=x)
 
