@@ -43,8 +43,8 @@ def test_gpt2_fused_qkv_keeps_rows_of_each_part_and_rewrites_the_split():
     assert attn.c_attn.weight.shape == (48, 32) and attn.c_proj.weight.shape == (32, 16)
     w = cooked.get_submodule("transformer.h.0.attn.c_attn").weight
     torch.testing.assert_close(attn.c_attn.weight, torch.cat([w[8:24], w[40:56], w[72:88]]))
-    (split,) = [n for n in attn.graph.nodes if n.target is torch.ops.aten.split.Tensor]
-    assert split.args[1] == 16
+    (split,) = [n for n in attn.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default]
+    assert split.args[1] == [16, 16, 16]
 
 
 def test_t5_position_bias_is_cut_to_each_layers_heads():

@@ -133,10 +133,9 @@ def _rewrite_core(cooked, a: Attention, kept_heads: list[int], kept_groups: int)
             node.args = (node.args[0], _rewrite_shape(node.args[1], old, new, a.head_dim, empty), *node.args[2:])
         elif node.target in SPLIT_OPS:
             sizes = node.args[1]
-            if isinstance(sizes, int):
-                sizes = _rewrite_shape([0, sizes], old, new, a.head_dim, empty)[1]
-            else:
-                sizes = [_rewrite_shape([0, s], old, new, a.head_dim, empty)[1] for s in sizes]
+            if isinstance(sizes, int):  # explicit sizes: a split into chunks of 0 would give no chunks at all
+                node.target, sizes = aten.split_with_sizes.default, [sizes] * len(node.meta["val"])
+            sizes = [_rewrite_shape([0, s], old, new, a.head_dim, empty)[1] for s in sizes]
             node.args = (node.args[0], sizes, *node.args[2:])
         elif node.target is SDPA and len(node.args) > 3 and isinstance(node.args[3], torch.fx.Node):
             mask = node.args[3]
