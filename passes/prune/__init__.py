@@ -1,8 +1,22 @@
-"""Structured pruning: gates over heads, FFN units and sublayers (`Prune`), then physical slicing (`Slice`)."""
+"""Structured pruning: gates over heads, FFN units and whole sublayers (`Prune`, by importance or L0),
+then physical slicing (`Slice`)."""
+
+from __future__ import annotations
 
 from fxcook.passes.prune.gates import Gate
 from fxcook.passes.prune.importance import head_importance
+from fxcook.passes.prune.l0 import ExpectedSize, HardConcrete, L0Regulariser, Lagrangian, SizeTerm
 from fxcook.passes.prune.prune import Prune
 from fxcook.passes.prune.slicing import Slice
 
-__all__ = ["Gate", "Prune", "Slice", "head_importance"]
+__all__ = [
+    "ExpectedSize",
+    "Gate",
+    "HardConcrete",
+    "L0Regulariser",
+    "Lagrangian",
+    "Prune",
+    "SizeTerm",
+    "Slice",
+    "head_importance",
+]
