@@ -6,7 +6,7 @@ from __future__ import annotations
 from fxcook.passes.prune.gates import Gate
 from fxcook.passes.prune.importance import head_importance
 from fxcook.passes.prune.l0 import ExpectedSize, HardConcrete, L0Regulariser, Lagrangian, SizeTerm
-from fxcook.passes.prune.prune import Prune
+from fxcook.passes.prune.prune import Prune, fix_gates
 from fxcook.passes.prune.slicing import Slice
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "Prune",
     "SizeTerm",
     "Slice",
+    "fix_gates",
     "head_importance",
 ]

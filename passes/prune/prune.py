@@ -18,6 +18,7 @@ from fxcook.nn import CookedLinear
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.passes.prune import gates as G
 from fxcook.passes.prune.importance import gradient_scores, normalise
+from fxcook.passes.prune.l0 import ExpectedSize, HardConcrete, L0Regulariser, Lagrangian, SizeTerm
 from fxcook.passes.prune.structure import FFN, Attention, attentions, ffns, structure_from
 from fxcook.report import block_weights
 from fxcook.tracing import calibration_batches
@@ -35,6 +36,9 @@ class PruneConfig(PassConfig):
     ffn_score: Literal["taylor", "activation"] = "taylor"
     calib_batches: int = Field(16, gt=0)
     seed: int = 0
+    warmup: int = Field(0, ge=0)  # l0: optimizer steps over which the Lagrangian's target ramps up from 0
+    lambda_lr: float = Field(0.01, gt=0)  # l0: lr of the Lagrange multipliers (gradient ascent)
+    gate_lr: float | None = Field(0.01, gt=0)  # l0: lr of the gates' log_alpha (None: the model's)
 
     @field_validator("granularity")
     @classmethod
@@ -95,8 +99,6 @@ class Prune(DataPass):
                 )
         if cfg.method == "importance" and self.calibration is None and not self.restoring:
             raise PreconditionError("prune: method 'importance' needs calibration=<iterable of model inputs>")
-        if cfg.method == "l0" and not self.restoring:
-            raise NotSupportedYet("prune: method 'l0' needs the hard-concrete gates of fxcook.passes.prune.l0")
 
     def _structures(self, cooked) -> tuple[list[Attention], list[FFN]]:
         if self.restoring:
@@ -155,6 +157,8 @@ class Prune(DataPass):
         gate_paths = self._install(cooked, atts, fs)
         self.plan = {"attentions": [a.as_dict() for a in atts], "ffns": [f.as_dict() for f in fs], "gates": gate_paths}
         cooked.__dict__[PLAN] = self.plan
+        if self.config.method == "l0":
+            return self.finish(cooked, attach_l0(cooked, self.config, atts, fs, gate_paths))
         if self.restoring:
             return self.finish(cooked, [Change(p, "gates rebuilt") for p in gate_paths])
         candidates = self._candidates(cooked, atts, fs, gate_paths)
@@ -250,6 +254,47 @@ class Prune(DataPass):
                 gate = cooked.get_submodule(path)
                 out.append(Change(path, f"{layer}: {kind} {gate.kept()}/{gate.count} kept"))
         return out
+
+
+INIT_MEAN = {"heads": 10.0, "mha": 10.0, "ffn_layer": 10.0, "ffn": 0.0}  # CoFi's log_alpha init per kind
+
+
+def attach_l0(cooked, cfg: PruneConfig, atts, fs, gate_paths) -> list[Change]:
+    """Give every gate a hard-concrete source and the model an L0 regulariser: the expected block weights
+    under the gates (nested: a head counts inside its sublayer) pushed to `1 - target` by a Lagrangian."""
+    torch.manual_seed(cfg.seed)
+    sources: dict[str, HardConcrete] = {}
+    for mine in gate_paths.values():
+        for kind, path in mine.items():
+            gate = cooked.get_submodule(path)
+            gate.source = sources[path] = HardConcrete(gate.count, init_mean=INIT_MEAN[kind])
+    terms, gated = [], 0
+    for a in atts:
+        mine = [sources[gate_paths[a.path][k]] for k in ("heads", "mha") if k in gate_paths[a.path]]
+        per = head_cost(cooked, a) * (1 if "heads" in gate_paths[a.path] else a.units)
+        terms.append(SizeTerm(per, tuple(mine)))
+        gated += head_cost(cooked, a) * a.units
+    for f in fs:
+        mine = [sources[gate_paths[f.path][k]] for k in ("ffn", "ffn_layer") if k in gate_paths[f.path]]
+        per = unit_cost(cooked, f) * (1 if "ffn" in gate_paths[f.path] else f.width)
+        terms.append(SizeTerm(per, tuple(mine)))
+        gated += unit_cost(cooked, f) * f.width
+    base = block_weights(cooked)
+    terms.append(SizeTerm(base - gated))  # ungated block weights: always kept
+    lagrangian = Lagrangian(cfg.target, warmup_steps=cfg.warmup, lr=cfg.lambda_lr)
+    cooked.regularisers.append(L0Regulariser(ExpectedSize(terms, dense=base), lagrangian, gate_lr=cfg.gate_lr))
+    what = f"hard-concrete gates, L0 Lagrangian to {cfg.target} of {base:,} block weights (warm-up {cfg.warmup})"
+    return [Change(path, what) for path in sources]
+
+
+def fix_gates(cooked) -> int:
+    """Freeze every L0 gate at its deterministic test-time value (training done); returns how many."""
+    fixed = 0
+    for gate in G.gates(cooked).values():
+        if gate.source is not None and not gate.source.final:
+            gate.source.fix()
+            fixed += 1
+    return fixed
 
 
 def plan_of(cooked) -> dict | None:

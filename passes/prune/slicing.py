@@ -80,7 +80,7 @@ def _gate_values(cooked, path: str | None, count: int, deterministic: bool) -> t
             "Slice(deterministic=True) to take its deterministic test-time values"
         )
     if source is not None:
-        source.eval()
+        source.eval()  # the deterministic test-time gate
     with torch.no_grad():
         return gate.values().detach().float().cpu()
 
@@ -215,6 +215,7 @@ class Slice(Pass):
         for mine in plan["gates"].values():
             for path in mine.values():
                 G.remove(cooked, path)
+        cooked.regularisers[:] = [r for r in cooked.regularisers if getattr(r, "name", None) != "l0"]
         return self.finish(cooked, changes)
 
     def ensures(self, cooked) -> None:
