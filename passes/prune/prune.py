@@ -262,12 +262,13 @@ INIT_MEAN = {"heads": 10.0, "mha": 10.0, "ffn_layer": 10.0, "ffn": 0.0}  # CoFi'
 def attach_l0(cooked, cfg: PruneConfig, atts, fs, gate_paths) -> list[Change]:
     """Give every gate a hard-concrete source and the model an L0 regulariser: the expected block weights
     under the gates (nested: a head counts inside its sublayer) pushed to `1 - target` by a Lagrangian."""
-    torch.manual_seed(cfg.seed)
     sources: dict[str, HardConcrete] = {}
-    for mine in gate_paths.values():
-        for kind, path in mine.items():
-            gate = cooked.get_submodule(path)
-            gate.source = sources[path] = HardConcrete(gate.count, init_mean=INIT_MEAN[kind])
+    with torch.random.fork_rng():  # seeded init, the caller's random state untouched
+        torch.manual_seed(cfg.seed)
+        for mine in gate_paths.values():
+            for kind, path in mine.items():
+                gate = cooked.get_submodule(path)
+                gate.source = sources[path] = HardConcrete(gate.count, init_mean=INIT_MEAN[kind])
     terms, gated = [], 0
     for a in atts:
         mine = [sources[gate_paths[a.path][k]] for k in ("heads", "mha") if k in gate_paths[a.path]]
