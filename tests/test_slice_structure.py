@@ -93,3 +93,19 @@ def test_sliced_linears_are_smaller_and_report_counts_them():
     after = sum(m.weight.numel() for m in sliced.modules() if isinstance(m, CookedLinear))
     assert after < before
     assert "heads kept" in sliced.report() and "FFN width" in sliced.report()
+
+
+def test_uniform_widths_become_hf_config_edits_and_per_layer_ones_do_not():
+    cooked = gated("llama", {}, 0)
+    for path in ("model.layers.0", "model.layers.1"):
+        cooked.get_submodule(f"{path}.self_attn.head_gate").mask = torch.tensor([1.0, 0.0])
+        mask = torch.ones(64)
+        mask[:16] = 0
+        cooked.get_submodule(f"{path}.mlp.unit_gate").mask = mask
+    sliced = fxcook.apply(copy.deepcopy(cooked), [Slice()])
+    assert sliced.hf_edits == [
+        {"config": {"intermediate_size": 48, "num_key_value_heads": 1, "num_attention_heads": 2}}
+    ]
+    cooked.get_submodule("model.layers.1.mlp.unit_gate").mask[:20] = 0
+    cooked.get_submodule("model.layers.1.self_attn.head_gate").mask = torch.tensor([1.0, 1.0])
+    assert not getattr(fxcook.apply(copy.deepcopy(cooked), [Slice()]), "hf_edits", None)

@@ -172,6 +172,25 @@ def slice_ffn(cooked, f: FFN, kept: list[int], z_units: torch.Tensor, z_layer: f
     keep_columns(cooked.get_submodule(f.down), rows, z_units[kept] if kept else torch.ones(0), z_layer)
 
 
+FFN_KEYS = ("intermediate_size", "d_ff", "n_inner")  # the FFN width in BERT/Llama, T5 and GPT-2 configs
+
+
+def hf_edit(cooked, atts: list[Attention], fs: list[FFN], kept: dict[str, list[int]]) -> dict:
+    """The transformers config keys that describe the sliced model, where its config can (widths uniform over
+    all layers; head counts only where the config states head_dim, so fewer heads keep their size)."""
+    config = getattr(getattr(cooked, "origin", None), "config", None) or {}
+    out = {}
+    widths = {len(kept[f.path]) for f in fs}
+    key = next((k for k in FFN_KEYS if config.get(k)), None)
+    if fs and len(widths) == 1 and key and len(fs) == config.get("num_hidden_layers", len(fs)):
+        out[key] = widths.pop()
+    groups = {len(kept[a.path]) for a in atts}
+    if atts and len(groups) == 1 and config.get("head_dim") and "num_key_value_heads" in config:
+        out["num_key_value_heads"] = groups.pop()
+        out["num_attention_heads"] = out["num_key_value_heads"] * atts[0].group
+    return out
+
+
 class Slice(Pass):
     """Remove what Prune's gates switched off, fold the surviving gate values in, drop the gates."""
 
@@ -216,6 +235,9 @@ class Slice(Pass):
             for path in mine.values():
                 G.remove(cooked, path)
         cooked.regularisers[:] = [r for r in cooked.regularisers if getattr(r, "name", None) != "l0"]
+        edit = hf_edit(cooked, atts, fs, self.kept)
+        if edit:
+            cooked.__dict__.setdefault("hf_edits", []).append({"config": edit})
         return self.finish(cooked, changes)
 
     def ensures(self, cooked) -> None:
