@@ -85,3 +85,8 @@ def test_options_are_checked():
         Prune(granularity=("heads", "rows"))
     with pytest.raises(pydantic.ValidationError, match="deterministic|extra"):
         Slice(determinstic=True)
+
+
+def test_slice_after_quantize_names_the_site():
+    with pytest.raises(fxcook.PassError, match="slice: encoder.layer.0.attention.self.query is already quantized"):
+        fxcook.compile(tiny_model("bert"), [Prune(calibration=[X]), Quantize(), Slice()], example_inputs=X)

@@ -204,6 +204,12 @@ class Slice(Pass):
     def requires(self, cooked) -> None:
         if getattr(cooked, PLAN, None) is None:
             raise PreconditionError("slice: the model has no prune gates; run Prune before Slice")
+        for path, mod in cooked.named_modules():
+            if isinstance(mod, CookedLinear) and (mod.weight_quant is not None or mod.input_quant is not None):
+                raise PreconditionError(
+                    f"slice: {path} is already quantized (its quantizer state has the unsliced shapes); "
+                    "Slice before Quantize: [Prune, Slice, Quantize]"
+                )
 
     def _decide(self, cooked, layer: str, count: int, kinds: tuple[str, str], gate_paths) -> tuple:
         """(kept units, unit values, layer value) of one sublayer, from its gates or (restoring) the record."""
