@@ -55,7 +55,7 @@ def call_of(cooked, path: str):
     return sites[0]
 
 
-def _gate_name(owner: nn.Module, base: str) -> str:
+def free_name(owner: nn.Module, base: str) -> str:
     name, i = base, 1
     while hasattr(owner, name):
         name, i = f"{base}_{i}", i + 1
@@ -66,7 +66,7 @@ def install(cooked, kind: str, linear: str, gate: Gate, on_output: bool) -> str:
     """Put `gate` on the input (or output) of the linear at `linear`, in the graph calling it; returns its path."""
     site = call_of(cooked, linear)
     owner, node, graph = site.module, site.node, site.module.graph
-    name = _gate_name(owner, NAMES[kind])
+    name = free_name(owner, NAMES[kind])
     owner.add_module(name, gate)
     if on_output:
         with graph.inserting_after(node):

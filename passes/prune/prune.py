@@ -298,9 +298,5 @@ def fix_gates(cooked) -> int:
     return fixed
 
 
-def plan_of(cooked) -> dict | None:
-    return getattr(cooked, PLAN, None)
-
-
 def kept_units(values: torch.Tensor) -> list[int]:
     return torch.nonzero(values.detach() != 0).flatten().tolist()

@@ -141,7 +141,7 @@ def _rewrite_core(cooked, a: Attention, kept_heads: list[int], kept_groups: int)
             mask = node.args[3]
             val = mask.meta.get("val")
             if isinstance(val, torch.Tensor) and val.dim() == 4 and val.shape[1] == a.heads and a.heads > 1:
-                name = G._gate_name(core, "head_select")
+                name = G.free_name(core, "head_select")
                 core.add_module(name, HeadSelect(kept_heads))
                 with graph.inserting_before(node):
                     cut = graph.create_node("call_module", name, (mask,))
