@@ -80,3 +80,16 @@ def test_test_time_gates_are_deterministic():
     with torch.no_grad():
         torch.testing.assert_close(main_output(cooked(**x)), main_output(cooked(**x)), rtol=0, atol=0)
     assert "hard-concrete" in cooked.graph_text()
+
+
+def test_an_l0_pruned_model_saves_and_loads_with_its_gates(tmp_path):
+    cooked = l0_model("bert")
+    for source in sources(cooked).values():
+        with torch.no_grad():
+            source.log_alpha.normal_(0.5, 3.0, generator=torch.Generator().manual_seed(2))
+    fix_gates(cooked)
+    loaded = fxcook.load(fxcook.save(cooked, tmp_path / "art"))
+    x = tiny_inputs("bert", seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(loaded.eval()(**x)), main_output(cooked.eval()(**x)), rtol=0, atol=1e-6)
+    assert all(s.final for s in sources(loaded).values()) and loaded.regularisers
