@@ -11,7 +11,7 @@ ratio to the dense fp32 export is the median of the per-round ratios. Fidelity: 
 mean-pooled sentence embeddings vs fp32 torch over held-out Shakespeare lines (calibration and
 distillation use other lines).
 
-    python benchmarks/prune_minilm.py [--targets 0.3 0.5 0.7] [--distill-steps 100] [--distill-targets 0.5]
+    python benchmarks/prune_minilm.py [--targets 0.3 0.5 0.7] [--distill-steps 100]
         [--rounds 20]
 """
 
@@ -67,7 +67,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--distill-steps", type=int, default=100)
-    ap.add_argument("--distill-targets", type=float, nargs="*", default=[0.5], help="targets that are also distilled")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--calib", type=int, default=64, help="calibration lines for the importance scores")
