@@ -72,6 +72,30 @@ class StagedRun:
     model: nn.Module
     stages: list[StageResult]
 
+    def record(self) -> list[dict]:
+        """Per stage: name, the indices of its passes in the model's pass entries, steps, seconds and
+        what `after_stage` returned (JSON)."""
+        rows, start = [], 0
+        for s in self.stages:
+            rows.append(
+                {
+                    "name": s.name,
+                    "passes": s.passes,
+                    "entries": list(range(start, start + len(s.passes))),
+                    "steps": s.steps,
+                    "seconds": s.seconds,
+                    **s.info,
+                }
+            )
+            start += len(s.passes)
+        return rows
+
+
+def stages_extra(run: StagedRun) -> dict[str, Callable[[Path], object]]:
+    """`fxcook.save(..., extras=stages_extra(run))` records every stage in the artifact (stages.json);
+    its `entries` index the passes in fxcook.json, which `fxcook.load` replays in order."""
+    return {"stages.json": lambda path: path.write_text(json.dumps(run.record(), indent=1, default=float) + "\n")}
+
 
 def stage_name(recipe: Recipe, i: int) -> str:
     return recipe.stages[i].name or f"stage{i}"
