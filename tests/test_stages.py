@@ -47,7 +47,9 @@ def _cal(tok):
 def _run(tiny, recipe, **kw):
     model, tok, lines, _ = tiny
     example = dict(tok(lines[:2], padding=True, return_tensors="pt"))
-    return run_stages(model, recipe, tok, lines, example_inputs=example, calibration_for=_cal(tok), progress=False, **kw)
+    return run_stages(
+        model, recipe, tok, lines, example_inputs=example, calibration_for=_cal(tok), progress=False, **kw
+    )
 
 
 def _same_state(a, b):
@@ -94,10 +96,16 @@ def _kill_at(stage, step):
     return callback
 
 
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    return _run(tiny, parse_recipe(staged()), out=out), out
+
+
 @pytest.mark.parametrize("where", [(1, 0), (1, 3), (0, 3)], ids=["at-boundary", "mid-second", "mid-first"])
-def test_killed_staged_run_resumes_exactly(tiny, tmp_path, where):
+def test_killed_staged_run_resumes_exactly(tiny, reference, tmp_path, where):
     recipe = parse_recipe(staged())
-    ref = _run(tiny, recipe, out=tmp_path / "ref")
+    ref, ref_out = reference
     with pytest.raises(Killed):
         _run(tiny, recipe, out=tmp_path / "run", callback=_kill_at(*where), eval_every=1)
     resumed = _run(tiny, recipe, out=tmp_path / "run")
@@ -105,17 +113,17 @@ def test_killed_staged_run_resumes_exactly(tiny, tmp_path, where):
     assert [s.restored for s in resumed.stages] == [where[0] > 0, False]
     assert resumed.model.pass_entries == ref.model.pass_entries
     log = [json.loads(r) for r in (tmp_path / "run" / "stages" / "01-quant" / "log.jsonl").read_text().splitlines()]
-    ref_log = [json.loads(r) for r in (tmp_path / "ref" / "stages" / "01-quant" / "log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(r) for r in (ref_out / "stages" / "01-quant" / "log.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in log if "loss" in r}
     assert losses == {r["step"]: r["loss"] for r in ref_log if "loss" in r}
 
 
-def test_artifact_records_every_stage_and_load_rebuilds_it(tiny, tmp_path):
+def test_artifact_records_every_stage_and_load_rebuilds_it(tiny, reference, tmp_path):
     import fxcook
     from fxcook.stages import stages_extra
 
     model, tok, lines, _ = tiny
-    run = _run(tiny, parse_recipe(staged()))
+    run, _ = reference
     out = fxcook.save(run.model, tmp_path / "model", extras=stages_extra(run))
     back = fxcook.load(out)
     batch = dict(tok(lines[:4], padding=True, return_tensors="pt"))
