@@ -67,3 +67,12 @@ def test_cli_refuses_a_saved_model_as_the_start_of_a_staged_recipe(cli, capsys):
     again[again.index("--out") + 1] = str(tmp / "o2")
     assert main(again) != 0
     assert "is a saved fxcook model; a staged recipe" in capsys.readouterr().err
+
+
+def test_demo_runs_the_shipped_staged_recipe():
+    from fxcook import demo
+    from fxcook.recipe import load_recipe
+
+    recipe = load_recipe(demo.RECIPES / demo.STAGED.recipe)
+    assert recipe.staged and [s.name for s in recipe.stages] == ["relu", "sparse", "int8", "moe"]
+    assert [next(iter(p)) for p in recipe.all_passes] == ["relufy", "sparsify", "quantize", "moefy"]
