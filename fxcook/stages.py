@@ -269,6 +269,11 @@ def run_stages(
     plan = plan_of(recipe, defaults, overrides)
     if out is not None:
         claim_out(Path(out), resume, overwrite)
+        if (Path(out) / "checkpoints").exists():
+            raise FxcookError(
+                f"{out} holds a single-stage training run (checkpoints/), not one of {recipe.source}'s stages: "
+                f"move it aside with --overwrite / overwrite=True or choose another out directory"
+            )
         root = Path(out) / STAGES_DIR
         check_plan(root / PLAN, plan, recipe)
         write_atomic(root / PLAN, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1) + "\n"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxcook.data import shakespeare_lines, token_batches
-from fxcook.errors import RecipeError
+from fxcook.errors import FxcookError, RecipeError
 from fxcook.recipe import parse_recipe
 from fxcook.stages import run_stages
 
@@ -185,3 +185,9 @@ def test_bad_staged_recipes_name_the_stage_and_key(stages, message):
 def test_stages_and_top_level_passes_do_not_mix():
     with pytest.raises(RecipeError, match="either stages: or top-level passes"):
         parse_recipe({"passes": SPARSE, "stages": [{"passes": QUANT}]})
+
+
+def test_a_single_stage_run_in_out_is_not_mixed_with_a_staged_one(tiny, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FxcookError, match="holds a single-stage training run"):
+        _run(tiny, parse_recipe(staged()), out=tmp_path)
