@@ -9,6 +9,8 @@ curve is drawn into a PNG (matplotlib, the `bench` extra).
     python benchmarks/recovery.py [--configs int8,int8_24_staged,combo] [--held-out 256] [--eval-every 50]
         [--steps N (every stage, overriding the recipes)] [--out benchmarks/results/recovery.md]
         [--plot docs/img/recovery.png]
+    python benchmarks/recovery.py --plot-from benchmarks/results/recovery.md benchmarks/results/recovery_combo.md
+        (redraw the plot from the JSON rows of earlier results files)
 """
 
 from __future__ import annotations
@@ -171,6 +173,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _rows_from(path: Path) -> list[dict]:
+    """The raw rows a results file holds (its JSON block)."""
+    return json.loads(path.read_text().split("```json\n", 1)[1].split("\n```", 1)[0])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="int8,int8_24_staged,combo")
@@ -180,7 +187,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/recovery.md")
     p.add_argument("--plot", default="docs/img/recovery.png")
+    p.add_argument("--plot-from", nargs="+", type=Path, help="only redraw --plot from these results files")
     args = p.parse_args()
+    if args.plot_from:
+        _plot([row for path in args.plot_from for row in _rows_from(path)], Path(args.plot))
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = load_model("minilm")
