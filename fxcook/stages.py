@@ -65,6 +65,7 @@ class StageResult:
     restored: bool = False  # finished in an earlier run and rebuilt from out/stages
     info: dict = field(default_factory=dict)  # what `after_stage` returned
     log: list[dict] = field(default_factory=list)
+    first: int = 0  # index of the stage's first pass entry on the model
 
 
 @dataclass
@@ -289,29 +290,35 @@ def run_stages(
         if i <= last_done:
             _restore_finished(cooked, folders[i] / FINISHED, result, load_state=i == last_done)
             continue
-        t0 = time.perf_counter()
-        settings = stage_settings(recipe, i, defaults, overrides)
-        _seed((settings or {}).get("seed", 0) + i)  # a resumed stage re-applies its passes identically
-        teacher = copy.deepcopy(cooked).eval() if settings and settings["teacher"] == "previous" else model
-        first = len(getattr(cooked, ENTRIES, None) or [])
-        calibration = calibration_for(recipe.stage_calibration(i)) if stage.passes else None
-        try:
-            apply(cooked, recipe.build_stage(i, calibration))
-        except PassError as e:
-            raise RecipeError(f"{recipe.source}: {recipe.stage_label(i)}: {e}") from e
-        if settings:
-            stage_cb = None if callback is None else lambda step, m, i=i: callback(i, step, m)
-            result.log = _train_stage(
-                cooked, teacher, settings, tokenizer, data, folders[i], resume, progress, stage_cb, eval_every
-            )
-            result.steps = settings["steps"]
-        result.seconds = time.perf_counter() - t0
+        stage_cb = None if callback is None else lambda step, m, i=i: callback(i, step, m)
+        _fresh_stage(cooked, model, recipe, i, result, calibration_for, defaults, overrides, tokenizer, data,
+                     folders[i], resume, progress, stage_cb, eval_every)  # fmt: skip
         if after_stage is not None:
             cooked.eval()
             result.info = dict(after_stage(i, cooked) or {})
         if folders[i] is not None:
-            _write_finished(folders[i] / FINISHED, cooked, list(getattr(cooked, ENTRIES, []))[first:], result)
+            _write_finished(folders[i] / FINISHED, cooked, getattr(cooked, ENTRIES, [])[result.first :], result)
     return StagedRun(cooked.eval(), results)
+
+
+def _fresh_stage(cooked, model, recipe, i, result, calibration_for, defaults, overrides, tokenizer, data,
+                 folder, resume, progress, cb, eval_every) -> None:  # fmt: skip
+    """Stage `i` from its start: seeded, its passes calibrated on `cooked` as it stands, then trained."""
+    t0 = time.perf_counter()
+    settings = stage_settings(recipe, i, defaults, overrides)
+    _seed((settings or {}).get("seed", 0) + i)  # a resumed stage re-applies its passes identically
+    teacher = copy.deepcopy(cooked).eval() if settings and settings["teacher"] == "previous" else model
+    result.first = len(getattr(cooked, ENTRIES, None) or [])
+    passes = recipe.stages[i].passes
+    calibration = calibration_for(recipe.stage_calibration(i)) if passes else None
+    try:
+        apply(cooked, recipe.build_stage(i, calibration))
+    except PassError as e:
+        raise RecipeError(f"{recipe.source}: {recipe.stage_label(i)}: {e}") from e
+    if settings:
+        result.log = _train_stage(cooked, teacher, settings, tokenizer, data, folder, resume, progress, cb, eval_every)
+        result.steps = settings["steps"]
+    result.seconds = time.perf_counter() - t0
 
 
 def _train_stage(cooked, teacher, settings, tokenizer, data, folder, resume, progress, cb, eval_every) -> list[dict]:
