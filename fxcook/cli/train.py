@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     if recipe is not None and recipe.staged:
         from fxcook.cli.train_staged import run_staged
 
-        return run_staged(args, recipe, out)
+        return run_staged(args, recipe, out, _flags(args), _fidelity)
     settings, loss_cfg = _train_settings(args, recipe_train)
     rank, world, _ = init_distributed()
     saved = is_artifact(args.model)  # a model fxcook saved: train it further, distilling from --teacher

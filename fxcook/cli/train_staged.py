@@ -8,12 +8,12 @@ from pathlib import Path
 from fxcook.errors import FxcookError
 
 
-def run_staged(args, recipe, out: Path) -> int:
+def run_staged(args, recipe, out: Path, flags: dict, score) -> int:
     """Run `recipe`'s stages on --model, distilling each from the original (or previous) model; save
-    the final model in --out/model with stages.json (what each stage did, its fidelity)."""
+    the final model in --out/model with stages.json (what each stage did, its fidelity). `flags`: the
+    train settings given on the command line; `score(teacher, student, tokenizer, lines)`: fidelity."""
     from fxcook.artifact import is_artifact, save, tokenizer_extra
     from fxcook.checkpoint import write_atomic
-    from fxcook.cli.train import _fidelity, _flags
     from fxcook.data import calibration_for, check_known_tokens, lines_from
     from fxcook.models import example_batch, load_model
     from fxcook.recipe import Recipe
@@ -38,7 +38,7 @@ def run_staged(args, recipe, out: Path) -> int:
     check_known_tokens([example], tokenizer, args.model)
 
     def after_stage(i, model):
-        fid = _fidelity(teacher, model, tokenizer, held_out)
+        fid = score(teacher, model, tokenizer, held_out)
         if fid is not None:
             print(f"{recipe.stage_label(i)}: min cos {fid['min_cos']:.4f}  mean cos {fid['mean_cos']:.4f}")
         return fid
@@ -53,7 +53,7 @@ def run_staged(args, recipe, out: Path) -> int:
         out=out,
         resume=not args.no_resume,
         overwrite=args.overwrite,
-        overrides=_flags(args),
+        overrides=flags,
         after_stage=after_stage,
     )
     summary = {"stages": run.record(), "after": run.stages[-1].info or None}
