@@ -9,6 +9,17 @@
 Errors name the key at fault (`passes[1].quantize.method: ...`). `from_bmcook` imports BMCook's JSON
 config (its README's keys; a key or value fxcook does not map is a RecipeError naming it); a technique
 fxcook maps but has not built yet raises NotSupportedYet, never a silent skip.
+
+A staged recipe holds `stages:` instead of `passes:`/`train:`; each stage applies its passes to the
+model the previous stage produced, then trains it (`fxcook.stages.run_stages`, `fxcook train`):
+
+    stages:
+      - name: relu
+        passes: [{relufy: {}}]
+        train: {steps: 300, lr: 1e-4, teacher: original}
+      - name: moe
+        passes: [{moefy: {experts: 32, top_k: 16}}]
+        train: {steps: 300, teacher: previous, loss: {hidden_mse: 1.0, hidden_cos: 1.0}}
 """
 
 from __future__ import annotations
@@ -17,13 +28,14 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fxcook.errors import NotSupportedYet, RecipeError
 from fxcook.passbase import DataPass, Pass
+from fxcook.training.losses import DistillConfig
 
 SHIPPED = Path(__file__).resolve().parent / "recipes"  # package data: there in an installed wheel too
 
@@ -37,43 +49,133 @@ class Calibration(BaseModel):
     seed: int = 0
 
 
+PassItems = list[dict[str, dict[str, Any] | None]]
+
+
+class TrainSection(BaseModel):
+    """A recipe's (or a stage's) `train:` block; unset keys fall back to `fxcook train`'s flags/defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    grad_accum: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    warmup: int | None = Field(None, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] | None = None
+    max_length: int | None = Field(None, gt=1)
+    save_every: int | None = Field(None, ge=0)
+    seed: int | None = None
+    loss: DistillConfig | None = None
+    data: str | None = None  # text for this stage: 'shakespeare' or a file/directory (default: the run's)
+    teacher: Literal["original", "previous"] = "original"  # previous: the model the stage started from
+
+    def settings(self) -> dict[str, Any]:
+        """The keys the recipe sets, as `train()` keyword values (the loss as its config mapping)."""
+        out = self.model_dump(exclude_none=True, exclude={"loss", "data", "teacher"})
+        if self.loss is not None:
+            out["loss"] = self.loss.model_dump(exclude_defaults=True)
+        return out
+
+
+class Stage(BaseModel):
+    """One stage: passes applied to the previous stage's model, then an optional training run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    passes: PassItems = []
+    calibration: Calibration | None = None  # default: the recipe's
+    train: TrainSection | None = None
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    passes: list[dict[str, dict[str, Any] | None]] = []
+    passes: PassItems = []
     calibration: Calibration = Calibration()
-    train: dict[str, Any] | None = None
+    train: TrainSection | None = None
+    stages: list[Stage] | None = None
     source: str = Field("<memory>", exclude=True)
 
-    def build(self, calibration=None) -> list[Pass]:
-        """Pass objects for `passes`; data-aware passes receive `calibration` (an iterable of inputs)."""
-        from fxcook.passes import REGISTRY
+    @model_validator(mode="after")
+    def _stages_alone(self):
+        if self.stages is not None and (self.passes or self.train is not None):
+            raise ValueError("a recipe holds either stages: or top-level passes:/train:, not both")
+        return self
 
-        out = []
-        for i, item in enumerate(self.passes):
-            if len(item) != 1:
-                raise RecipeError(
-                    f"{self.source}: passes[{i}] must have exactly one key (the pass name), got {sorted(item)}"
-                )
-            ((name, cfg),) = item.items()
-            if name not in REGISTRY:
-                raise RecipeError(
-                    f"{self.source}: passes[{i}]: unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}"
-                )
-            cls = REGISTRY[name]
-            kwargs = dict(cfg or {})
-            if issubclass(cls, DataPass):
-                kwargs["calibration"] = calibration
-            try:
-                out.append(cls(**kwargs))
-            except ValidationError as e:
-                raise RecipeError(f"{self.source}: {_explain(e, f'passes[{i}].{name}')}") from e
-        return out
+    @property
+    def staged(self) -> bool:
+        return self.stages is not None
+
+    @property
+    def all_passes(self) -> PassItems:
+        """Every pass item in order: the top-level list, or each stage's in turn."""
+        return [item for stage in self.stages for item in stage.passes] if self.staged else self.passes
+
+    def stage_label(self, i: int) -> str:
+        name = self.stages[i].name
+        return f"stages[{i}] ({name!r})" if name else f"stages[{i}]"
+
+    def build(self, calibration=None) -> list[Pass]:
+        """Pass objects for `passes` (every stage's, in order, for a staged recipe: the one-shot model);
+        data-aware passes receive `calibration` (an iterable of inputs)."""
+        if not self.staged:
+            return build_passes(self.passes, calibration, self.source, "passes")
+        return [p for i in range(len(self.stages)) for p in self.build_stage(i, calibration)]
+
+    def build_stage(self, i: int, calibration=None) -> list[Pass]:
+        return build_passes(self.stages[i].passes, calibration, self.source, f"stages[{i}].passes")
+
+    def stage_calibration(self, i: int) -> Calibration:
+        return self.stages[i].calibration or self.calibration
+
+
+def build_passes(items: PassItems, calibration, source: str, where: str) -> list[Pass]:
+    """Pass objects for recipe items; errors name `where[i]` and the pass's key."""
+    from fxcook.passes import REGISTRY
+
+    out = []
+    for i, item in enumerate(items):
+        if len(item) != 1:
+            raise RecipeError(f"{source}: {where}[{i}] must have exactly one key (the pass name), got {sorted(item)}")
+        ((name, cfg),) = item.items()
+        if name not in REGISTRY:
+            raise RecipeError(
+                f"{source}: {where}[{i}]: unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}"
+            )
+        cls = REGISTRY[name]
+        kwargs = dict(cfg or {})
+        if issubclass(cls, DataPass):
+            kwargs["calibration"] = calibration
+        try:
+            out.append(cls(**kwargs))
+        except ValidationError as e:
+            raise RecipeError(f"{source}: {_explain(e, f'{where}[{i}].{name}')}") from e
+    return out
+
+
+def _check_stages(recipe: Recipe) -> None:
+    """Each stage does something, and no pass must run after one of a later stage (`Pass.after`)."""
+    built = [recipe.build_stage(i) for i in range(len(recipe.stages))]
+    for i, (stage, passes) in enumerate(zip(recipe.stages, built)):
+        if not passes and stage.train is None:
+            raise RecipeError(
+                f"{recipe.source}: {recipe.stage_label(i)} has no passes and no train section: "
+                f"give it passes to apply or a train: block, or remove it"
+            )
+        for p in passes:
+            for j in range(i + 1, len(built)):
+                late = [q.name for q in built[j] if q.name in p.after]
+                if late:
+                    raise RecipeError(
+                        f"{recipe.source}: {recipe.stage_label(i)}.passes: {p.name!r} must run after "
+                        f"{late[0]!r}, which comes in the later {recipe.stage_label(j)}; move it to an "
+                        f"earlier stage"
+                    )
 
 
 def _explain(err: ValidationError, prefix: str) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in e["loc"]).lstrip(".")
         parts.append(f"{prefix}.{loc}: {e['msg']}" if loc else f"{prefix}: {e['msg']}")
     return "; ".join(parts)
 
@@ -87,6 +189,8 @@ def parse_recipe(data: dict, source: str = "<memory>") -> Recipe:
         raise RecipeError(f"{source}: {_explain(e, 'recipe')}") from e
     recipe.source = source
     recipe.build()  # validate every pass config now, before any work
+    if recipe.staged:
+        _check_stages(recipe)
     return recipe
 
 

@@ -89,7 +89,7 @@ def test_combined_config_maps_every_section(tmp_path):
         recipe = load_recipe(write(tmp_path, cfg))
     assert [next(iter(p)) for p in recipe.passes] == ["sparsify", "quantize", "tap"]
     assert recipe.passes[2]["tap"]["taps"] == cfg["distillation"]["mse_hidn_module"]
-    assert recipe.train == {"loss": {"kl": 0.5, "hidden_mse": 1.0, "temperature": 2.0}}
+    assert recipe.train.settings() == {"loss": {"kl": 0.5, "hidden_mse": 1.0, "temperature": 2.0}}
 
 
 @pytest.mark.parametrize(

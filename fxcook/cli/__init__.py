@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=at_least(1), default=256, help="held-out Shakespeare lines for fidelity")
     demo.add_argument("--no-distill", action="store_true", help="skip the short recovery distillation")
     demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime export and timing")
+    demo.add_argument(
+        "--staged", action="store_true", help="also run the staged combination recipe combo.yaml (~30 min on 2 cores)"
+    )
     demo.set_defaults(func=demo_cmd.cmd_demo)
     tr = sub.add_parser("train", help="train a compressed model (QAT, masks, distillation) on FSDP2")
     train.add_arguments(tr)

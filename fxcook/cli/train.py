@@ -13,6 +13,7 @@ from torch import nn
 
 from fxcook.cli.args import at_least
 from fxcook.errors import FxcookError
+from fxcook.stages import TRAIN_DEFAULTS
 from fxcook.training.checkpoints import claim_out
 from fxcook.training.distributed import init_distributed
 from fxcook.training.loop import train
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--teacher", help="the model to distil from (default: --model; required when --model is a saved fxcook model)"
     )
     parser.add_argument("--recipe", help="recipe YAML/JSON: passes to apply, plus an optional train: section")
-    parser.add_argument("--data", default="shakespeare", help="a text file or directory, or 'shakespeare'")
+    parser.add_argument(
+        "--data", help="a text file or directory, or 'shakespeare' (default: the recipe's train.data, or shakespeare)"
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -63,34 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-lines", type=at_least(0), default=64, help="held-out lines for the fidelity table")
 
 
-TRAIN_DEFAULTS = {
-    "steps": 100,
-    "batch_size": 16,
-    "grad_accum": 1,
-    "lr": 1e-4,
-    "warmup": 0,
-    "schedule": "cosine",
-    "max_length": 128,
-    "save_every": 50,
-    "seed": 0,
-}
+def _flags(args) -> dict:
+    """The train settings given on the command line (they override the recipe's)."""
+    return {key: getattr(args, key) for key in TRAIN_DEFAULTS if getattr(args, key, None) is not None}
 
 
 def _train_settings(args, recipe_train: dict) -> tuple[dict, dict]:
-    """Merge defaults < recipe `train:` section < CLI flags; returns (train kwargs, loss config)."""
+    """Merge defaults < recipe `train:` section (validated by the recipe) < CLI flags; returns
+    (train kwargs, loss config)."""
     recipe_train = dict(recipe_train or {})
     loss_cfg = recipe_train.pop("loss", None) or {"hidden_mse": 1.0, "hidden_cos": 1.0}
-    unknown = set(recipe_train) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise FxcookError(
-            f"recipe train section: unknown keys {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)} and loss"
-        )
-    settings = {**TRAIN_DEFAULTS, **recipe_train}
-    for key in TRAIN_DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    return settings, loss_cfg
+    return {**TRAIN_DEFAULTS, **recipe_train, **_flags(args)}, loss_cfg
 
 
 def main(args: argparse.Namespace) -> int:
@@ -111,7 +97,14 @@ def main(args: argparse.Namespace) -> int:
         from fxcook.recipe import load_recipe
 
         recipe = load_recipe(args.recipe)
-        recipe_train = dict(recipe.train or {})
+        recipe_train = recipe.train.settings() if recipe.train else {}
+        if args.data is None and recipe.train is not None:
+            args.data = recipe.train.data
+    args.data = args.data or "shakespeare"
+    if recipe is not None and recipe.staged:
+        from fxcook.cli.train_staged import run_staged
+
+        return run_staged(args, recipe, out, _flags(args), _fidelity)
     settings, loss_cfg = _train_settings(args, recipe_train)
     rank, world, _ = init_distributed()
     saved = is_artifact(args.model)  # a model fxcook saved: train it further, distilling from --teacher

@@ -28,7 +28,14 @@ class CheckpointError(FxcookError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
-RUN_ENTRIES = ("checkpoints", "log.jsonl", "results.json", "model", "model.onnx")  # what one run writes in `out`
+RUN_ENTRIES = (
+    "checkpoints",
+    "stages",
+    "log.jsonl",
+    "results.json",
+    "model",
+    "model.onnx",
+)  # what one run writes in `out`
 STEP_DIR = re.compile(r"step_(\d+)")
 
 

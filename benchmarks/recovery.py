@@ -1,0 +1,211 @@
+"""Recovery benchmark: MiniLM fidelity one-shot and after each stage of the shipped staged recipes.
+
+For each config, fidelity (min / mean embedding cosine vs the fp32 model) on held-out Shakespeare
+lines that no calibration set or training run sees: one-shot (every pass of the recipe applied at
+once, no training), then during and after each stage of `fxcook.stages.run_stages`, against the
+training steps and seconds spent; the ONNX Runtime export of the final model is scored too. The
+curve is drawn into a PNG (matplotlib, the `bench` extra).
+
+    python benchmarks/recovery.py [--configs int8,int8_24_staged,combo] [--held-out 256] [--eval-every 50]
+        [--steps N (every stage, overriding the recipes)] [--out benchmarks/results/recovery.md]
+        [--plot docs/img/recovery.png]
+    python benchmarks/recovery.py --plot-from benchmarks/results/recovery.md benchmarks/results/recovery_combo.md
+        (redraw the plot from the JSON rows of earlier results files)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from fxcook.data import lines_from, token_batches
+from fxcook.evaluate import embed, fidelity
+from fxcook.models import load_model
+from fxcook.pipeline import compile
+from fxcook.recipe import Recipe, load_recipe
+from fxcook.report import activated_size, block_weights
+from fxcook.stages import run_stages
+
+
+def _calibration_lines(recipe: Recipe) -> set[str]:
+    sections = [recipe.stage_calibration(i) for i in range(len(recipe.stages))] if recipe.staged else []
+    return {line for cal in [recipe.calibration, *sections] for line in lines_from(cal.data, cal.samples, cal.seed)}
+
+
+def _split(recipes: list[Recipe], held: int) -> tuple[list[str], list[str]]:
+    """Held-out lines (seed-1 shuffle minus every calibration line) and training lines (the rest)."""
+    seen = set().union(*(_calibration_lines(r) for r in recipes))
+    lines = [line for line in lines_from("shakespeare", seed=1) if line not in seen]
+    return lines[:held], lines[held : held + 20000]
+
+
+def _score(model, tok, held, ref) -> dict:
+    was = model.training
+    model.eval()
+    try:
+        return fidelity(ref, embed(model, tok, held))
+    finally:
+        model.train(was)
+
+
+def _ort(cooked, tok, held, ref) -> dict:
+    from fxcook.runtime import onnx as fxonnx
+
+    batch = dict(tok(held[:8], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+    with tempfile.TemporaryDirectory() as d:
+        ort = fxonnx.OrtModel(fxonnx.export(cooked, Path(d) / "model.onnx", example_inputs=batch), threads=2)
+        return fidelity(ref, embed(ort, tok, held))
+
+
+def run_config(name: str, model, tok, held, train_lines, ref, args) -> dict:
+    recipe = load_recipe(name)
+    example = dict(tok(held[:2], padding=True, return_tensors="pt"))
+    cal = lambda c: token_batches(tok, lines_from(c.data, c.samples, c.seed), c.batch_size, c.max_length)  # noqa: E731
+    oneshot = compile(model, recipe.build(calibration=cal(recipe.calibration)), example_inputs=example)
+    row = {"config": name, "oneshot": _score(oneshot, tok, held, ref), "stages": [], "curve": []}
+    row["activated"], row["block_weights"] = activated_size(oneshot), block_weights(oneshot)
+    if not recipe.staged:
+        row["ort"] = _ort(oneshot, tok, held, ref)
+        return row
+    clock = {"steps": 0, "sec": 0.0, "t0": time.perf_counter()}
+
+    def on_step(i, step, m):
+        if step == 0:
+            clock["t0"] = time.perf_counter()  # the stage's passes and calibration are not training time
+            return None
+        spent, t = clock["sec"] + _since(clock), time.perf_counter()
+        fid = _score(m, tok, held, ref)
+        clock["t0"] += time.perf_counter() - t  # evaluation is not training time
+        row["curve"].append({"stage": i, "step": clock["steps"] + step, "train_s": spent, **fid})
+        return fid
+
+    def after(i, m):
+        clock["sec"] += _since(clock)
+        clock["steps"] += (args.steps or recipe.stages[i].train.steps) if recipe.stages[i].train else 0
+        fid = _score(m, tok, held, ref)
+        row["curve"].append({"stage": i, "step": clock["steps"], "train_s": clock["sec"], **fid})
+        return fid
+
+    t0 = time.perf_counter()
+    overrides = {"steps": args.steps} if args.steps else None
+    run = run_stages(
+        model, recipe, tok, train_lines, example_inputs=example, calibration_for=cal, overrides=overrides,
+        after_stage=after, callback=on_step, eval_every=args.eval_every, progress=False,
+    )  # fmt: skip
+    row["wall_s"] = time.perf_counter() - t0
+    row["stages"] = [{"name": s.name, "steps": s.steps, "seconds": s.seconds, **s.info} for s in run.stages]
+    row["ort"] = _ort(run.model, tok, held, ref)
+    return row
+
+
+def _since(clock: dict) -> float:
+    return time.perf_counter() - clock["t0"]
+
+
+def _markdown(rows: list[dict], args, held: int, started: float) -> str:
+    load = os.getloadavg()[0]
+    out = [
+        "# Recovery benchmark: staged recipes on MiniLM",
+        "",
+        f"Command: `python benchmarks/recovery.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, shared with other "
+        f"work (load average {load:.1f} at the end); torch {torch.__version__}. Total wall time "
+        f"{(time.perf_counter() - started) / 60:.1f} min. Fidelity: embedding cosine vs fp32 on {held} "
+        "held-out Shakespeare lines (no calibration set or training run contains them).",
+        "",
+        "| config | activated size | stage | steps (cum.) | train s (cum.) | mean cos | min cos |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        size = f"{r['activated'] / 1e6:.2f}M ({r['block_weights'] / r['activated']:.1f}x)"
+        o = r["oneshot"]
+        out.append(f"| {r['config']} | {size} | one-shot | 0 | 0 | {o['mean_cos']:.4f} | {o['min_cos']:.4f} |")
+        steps = secs = 0
+        for s in r["stages"]:
+            steps, secs = steps + s["steps"], secs + s["seconds"]
+            out.append(f"| | | after {s['name']} | {steps} | {secs:.0f} | {s['mean_cos']:.4f} | {s['min_cos']:.4f} |")
+        ort = r["ort"]
+        out.append(f"| | | ONNX Runtime (final) | | | {ort['mean_cos']:.4f} | {ort['min_cos']:.4f} |")
+    out += ["", "Raw rows (JSON):", "", "```json", json.dumps(rows, indent=1, default=float), "```", ""]
+    return "\n".join(out)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in (r for r in rows if r["curve"]):
+        xs = [0.0] + [p["train_s"] / 60 for p in r["curve"]]
+        (line,) = ax.plot(
+            xs, [r["oneshot"]["mean_cos"]] + [p["mean_cos"] for p in r["curve"]], label=f"{r['config']} mean"
+        )
+        ax.plot(
+            xs,
+            [r["oneshot"]["min_cos"]] + [p["min_cos"] for p in r["curve"]],
+            "--",
+            color=line.get_color(),
+            label=f"{r['config']} min",
+        )
+        ends = [s["seconds"] for s in r["stages"]]
+        for t in [sum(ends[: k + 1]) / 60 for k in range(len(ends) - 1)]:
+            ax.axvline(t, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training time, minutes (2 shared CPU cores)")
+    ax.set_ylabel("cosine vs fp32 (held-out)")
+    ax.set_title("MiniLM recovery, stage by stage (faint lines: stage boundaries)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _rows_from(path: Path) -> list[dict]:
+    """The raw rows a results file holds (its JSON block)."""
+    return json.loads(path.read_text().split("```json\n", 1)[1].split("\n```", 1)[0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="int8,int8_24_staged,combo")
+    p.add_argument("--held-out", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="steps of every stage (default: the recipe's)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/recovery.md")
+    p.add_argument("--plot", default="docs/img/recovery.png")
+    p.add_argument("--plot-from", nargs="+", type=Path, help="only redraw --plot from these results files")
+    args = p.parse_args()
+    if args.plot_from:
+        _plot([row for path in args.plot_from for row in _rows_from(path)], Path(args.plot))
+        return
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tok = load_model("minilm")
+    names = args.configs.split(",")
+    held, train_lines = _split([load_recipe(n) for n in names], args.held_out)
+    ref = embed(model, tok, held)
+    rows = []
+    for name in names:
+        rows.append(run_config(name, model, tok, held, train_lines, ref, args))
+        Path(args.out).write_text(_markdown(rows, args, len(held), started))  # partial results survive a kill
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}, default=float), flush=True)
+    if args.plot:
+        _plot(rows, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
