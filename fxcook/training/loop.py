@@ -53,6 +53,7 @@ from fxcook.training.distributed import (
 )
 from fxcook.training.losses import DistillLoss, block_paths
 from fxcook.training.memory import PeakMemory
+from fxcook.training.task import model_inputs
 from fxcook.training.textdata import StepSampler, as_dataset
 from fxcook.training.trainable import apply_trainable
 
@@ -290,9 +291,9 @@ def train(
                         t_out, t_taps = None, {}
                         if teacher is not None:
                             with torch.no_grad(), collect_taps(teacher, t_specs) as t_taps:
-                                t_out = teacher(**batch)
+                                t_out = teacher(**model_inputs(batch))
                         with collect_taps(cooked, s_specs) as s_taps:
-                            s_out = cooked(**batch)
+                            s_out = cooked(**model_inputs(batch))
                         total, parts = state.loss(batch, s_out, s_taps, t_out, t_taps, denom)
                     total.backward()
                     step_loss += float(total.detach())
