@@ -77,6 +77,33 @@ class MaskSchedule(Protocol):
     def update(self, cooked: nn.Module, step: int) -> list[Change]: ...
 
 
+class Regulariser(Protocol):
+    """A training-only term a pass adds to the loss (Prune's L0 Lagrangian), kept in `CookedModel.regularisers`.
+
+    `fxcook.train` adds `loss(cooked, step)` to every optimizer step's loss, once per step; trains
+    `ascent_parameters()` (not the model's: e.g. Lagrange multipliers) by gradient *ascent* with a
+    separate maximising optimizer at `ascent_lr`; trains `descent_parameters()` (the model's, e.g. gate
+    logits) at the constant `descent_lr` instead of the model's scheduled lr (None: the model's lr);
+    logs `log_terms()` (what the last `loss` computed) with the step; calls `after_step(cooked, step)`
+    after each optimizer step (to keep parameters in range); and checkpoints the ascent parameters with
+    their optimizer state, in list order. Nothing of it is saved with the model: after training, the
+    state of the model's own parameters (the gates) is what counts.
+    """
+
+    ascent_lr: float
+    descent_lr: float | None
+
+    def loss(self, cooked: nn.Module, step: int) -> torch.Tensor: ...
+
+    def ascent_parameters(self) -> list[nn.Parameter]: ...
+
+    def descent_parameters(self) -> list[nn.Parameter]: ...
+
+    def log_terms(self) -> dict[str, float]: ...
+
+    def after_step(self, cooked: nn.Module, step: int) -> None: ...
+
+
 class CookedModel(UnflattenedModule):
     """A compiled model: call it like the original; inspect `.sites`, `.history`, `.report()`."""
 
@@ -85,6 +112,7 @@ class CookedModel(UnflattenedModule):
     module_types: dict[str, str]
     interface: Interface | None  # None: the original forward takes positional-only inputs; call as captured
     mask_schedules: list[MaskSchedule]  # in the order the passes added them (checkpoints rely on it)
+    regularisers: list[Regulariser]  # training-only loss terms, in the order the passes added them
 
     @classmethod
     def adopt(
@@ -96,6 +124,7 @@ class CookedModel(UnflattenedModule):
         root.module_types = module_types
         root.interface = interface
         root.mask_schedules = []
+        root.regularisers = []
         return root
 
     def forward(self, *args, **kwargs):

@@ -1,5 +1,8 @@
-"""Training checkpoints with torch.distributed.checkpoint: model, optimizer, masks, step and per-rank RNG,
-written aside, listed in a `fxcook.manifest` and renamed into place; one `out` directory holds one run."""
+"""Training checkpoints with torch.distributed.checkpoint: model, optimizers, masks, step and per-rank RNG,
+written aside, listed in a `fxcook.manifest` and renamed into place; one `out` directory holds one run.
+
+`opt` is one optimizer or a list (the model's and the regularisers' maximising one), keyed by parameter
+name, so the ascent parameters and their Adam state resume exactly."""
 
 from __future__ import annotations
 
@@ -134,7 +137,7 @@ def verify_checkpoint(path: Path, fingerprint: str | None = None) -> dict:
 def load_checkpoint(
     path: Path, state: nn.Module, opt, rank: int, fingerprint: str | None = None, schedules: list | None = None
 ) -> int:
-    """Restore model, optimizer, masks, mask schedules and RNG from `path`; returns its step."""
+    """Restore model, optimizer(s), masks, mask schedules and RNG from `path`; returns its step."""
     meta = verify_checkpoint(path, fingerprint)
     positions = meta.get("schedules", [])
     if len(positions) != len(schedules or []):

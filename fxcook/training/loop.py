@@ -13,6 +13,8 @@ straight-through estimator. The loop adds what training needs:
 - bf16 autocast on GPU, gradient accumulation, warmup + cosine/linear/constant LR, grad clipping;
 - scheduled masks (`cooked.mask_schedules`, from `Sparsify(schedule=...)`) advanced after every
   optimizer step, their positions saved with each checkpoint;
+- regularisers (`cooked.regularisers`, e.g. Prune's L0 Lagrangian) added to each step's loss, their
+  ascent parameters maximised by a second optimizer and checkpointed with it, their terms logged;
 - checkpoints with torch.distributed.checkpoint (model, optimizer incl. projections, masks as
   buffers, step, per-rank RNG) written to a temporary directory, listed in a `fxcook.manifest`
   (sha256 of every file, fingerprint of the passes and state shapes) and renamed into place, so a
@@ -53,6 +55,15 @@ from fxcook.training.distributed import (
 )
 from fxcook.training.losses import DistillLoss, block_paths
 from fxcook.training.memory import PeakMemory
+from fxcook.training.regularise import (
+    FIXED_LR,
+    after_step,
+    ascent_optimizer,
+    ascent_parameters,
+    model_optimizer,
+    regularise,
+    regularisers,
+)
 from fxcook.training.task import model_inputs
 from fxcook.training.textdata import StepSampler, as_dataset
 from fxcook.training.trainable import apply_trainable
@@ -90,11 +101,12 @@ class TrainInterrupted(KeyboardInterrupt):
 
 
 class _State(nn.Module):
-    """Groups the student and the loss (its projections) so one state dict covers both."""
+    """Groups the student, the loss (its projections) and the regularisers' ascent parameters, so one
+    state dict covers them all."""
 
-    def __init__(self, student: nn.Module, loss: nn.Module):
+    def __init__(self, student: nn.Module, loss: nn.Module, ascent: list[nn.Parameter]):
         super().__init__()
-        self.student, self.loss = student, loss
+        self.student, self.loss, self.ascent = student, loss, nn.ParameterList(ascent)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -176,7 +188,8 @@ def train(
     `resume=True` continues from the latest checkpoint, which must come from the same passes and model
     shapes. An earlier run in `out` is never mixed with a new one: `resume=False` refuses it unless
     `overwrite=True`, which moves it aside to `out/old-run-<time>` and starts afresh. Scheduled masks
-    (`Sparsify(schedule=...)`) advance after every optimizer step. Ctrl-C stops after the current
+    (`Sparsify(schedule=...)`) advance after every optimizer step; regularisers (`cooked.regularisers`)
+    join every step's loss once, and their terms its log row. Ctrl-C stops after the current
     step, saves its checkpoint and raises TrainInterrupted. Under torchrun the student is FSDP2-sharded
     per block (`fsdp=None` means: when the world is larger than one). `callback(step, model)` runs on
     every rank every `eval_every` steps (and at step 0); a dict it returns joins that step's log row.
@@ -220,7 +233,8 @@ def train(
     student_mode = cooked.training
     cooked.to(device).train()
     loss.to(device)
-    state = _State(cooked, loss)
+    regs = regularisers(cooked)
+    state = _State(cooked, loss, ascent_parameters(regs))
     fingerprint, schedules = run_fingerprint(state, cooked), _schedules(cooked)
     teacher_mode = teacher.training if teacher is not None else False
     if teacher is not None:
@@ -239,18 +253,20 @@ def train(
             shard(teacher, block_paths(teacher))
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
-    params = [p for p in state.parameters() if p.requires_grad]
+    ascending = {id(p) for p in state.ascent.parameters()}
+    params = [p for p in state.parameters() if p.requires_grad and id(p) not in ascending]
     if not params:
         raise FxcookError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    get_state_dict(state, opt)  # creates optimizer state for every parameter (a zero-lr step), so
+    opt, ascent_opt = model_optimizer(params, regs, lr, weight_decay), ascent_optimizer(regs)
+    opts = [opt] if ascent_opt is None else [opt, ascent_opt]
+    get_state_dict(state, opts)  # creates optimizer state for every parameter (a zero-lr step), so
     # checkpoints hold the same keys whether or not a parameter got a gradient (e.g. an unused pooler)
 
     start, resumed = 0, None
     if outdir is not None and resume and not overwrite:
         ckpt = latest_checkpoint(outdir)
         if ckpt is not None:
-            start = resumed = load_checkpoint(ckpt, state, opt, rank, fingerprint, schedules)
+            start = resumed = load_checkpoint(ckpt, state, opts, rank, fingerprint, schedules)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     result = TrainResult(step=start, resumed_from=resumed)
     result.trainable_params, result.total_params = sum(n for n, g in counts if g), sum(n for n, _ in counts)
@@ -262,7 +278,7 @@ def train(
     def checkpoint(step: int) -> None:
         nonlocal saved
         if outdir is not None and step > saved:
-            save_checkpoint(outdir, step, state, opt, rank, keep, fingerprint, schedules)
+            save_checkpoint(outdir, step, state, opts, rank, keep, fingerprint, schedules)
             saved = step
 
     bar = None
@@ -280,7 +296,7 @@ def train(
             for step in range(start, steps):
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
-                    g["lr"] = lr * lr_factor(step, steps, warmup, schedule)
+                    g["lr"] = g.get(FIXED_LR) or lr * lr_factor(step, steps, warmup, schedule)
                 micro = [_to(dataset.batch(ix), device) for ix in sampler.split(step, grad_accum, world, rank)]
                 local = {k: sum(loss.counts(b)[k] for b in micro) for k in ("tok", "lm", "ex")}
                 glob = dict(zip(local, all_sum(list(local.values()), device)))
@@ -299,10 +315,16 @@ def train(
                     step_loss += float(total.detach())
                     for k, v in parts.items():
                         terms[k] = terms.get(k, 0.0) + v
+                reg_loss, reg_terms = regularise(regs, cooked, step)
+                if reg_loss is not None:  # the same on every rank: its gradient is whole on each
+                    reg_loss.backward()
+                    step_loss += float(reg_loss.detach())
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                for o in opts:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+                after_step(regs, cooked, step + 1)
                 for sched in schedules:
                     sched.update(cooked, step + 1)
                 sums = all_sum([step_loss, *terms.values()], device)
@@ -310,6 +332,7 @@ def train(
                     "step": step + 1,
                     "loss": sums[0] / world,
                     **{k: v / world for k, v in zip(terms, sums[1:])},
+                    **reg_terms,
                     "lr": opt.param_groups[0]["lr"],
                     "sec": time.perf_counter() - t0,
                 }
@@ -323,7 +346,7 @@ def train(
                     log_file.flush()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}")
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", **{k: f"{v:.3g}" for k, v in reg_terms.items()})
                 if (save_every and (step + 1) % save_every == 0) or step + 1 == steps:
                     checkpoint(step + 1)
                 if any_rank(interrupt["hit"], device):
@@ -337,7 +360,7 @@ def train(
                         else ""
                     )
                     raise TrainInterrupted(f"interrupted after step {step + 1}{where}")
-        result.param_bytes, result.optim_bytes = local_param_bytes(state), optimizer_state_bytes(opt)
+        result.param_bytes, result.optim_bytes = local_param_bytes(state), sum(map(optimizer_state_bytes, opts))
         result.peak_memory_bytes, result.memory_measure = peak.bytes, peak.how
     finally:
         cooked.train(student_mode)
