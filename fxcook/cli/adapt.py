@@ -190,6 +190,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=at_least(1), default=200)
     p.add_argument("--probe-steps", type=at_least(0), default=50, help="head-only steps before importance")
     p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--importance-batches", type=at_least(1), default=8, help="task batches head importance reads")
+    p.add_argument("--per-class", type=at_least(1), default=400, help="training passages per class")
+    p.add_argument("--test-per-class", type=at_least(1), default=100, help="held-out passages per class")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--int8", action="store_true", help="quantize the base to int8 before the adapters")
     p.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx")
@@ -208,6 +211,9 @@ def main(args) -> int:
         "steps",
         "probe_steps",
         "batch_size",
+        "importance_batches",
+        "per_class",
+        "test_per_class",
         "lr",
         "int8",
         "onnx",
