@@ -5,8 +5,9 @@ Items (a list, or one string joined by `+`) are either a role or a glob over par
 - `all`: every parameter;
 - `norm`: the parameters of the model's norm sites (LayerNorm, RMSNorm; by class name off a CookedModel);
 - any other bare word names a role: the parameters of modules whose `trainable_role` is that word
-  (`lora` for LoRA branches, `head` for a task head); a pass or wrapper sets the attribute, so core
-  code knows no technique;
+  (`lora` for LoRA branches); the pass that adds such modules sets the attribute, so core code knows
+  no technique (capture does not keep a wrapper's own modules, so a task head is named by a glob,
+  `classifier.*`);
 - anything else (with `*`, `?`, `[` or a dot) is an `fnmatch` glob over parameter names.
 
 Every item must select at least one parameter: a mistyped glob would otherwise freeze the model
@@ -70,7 +71,7 @@ def apply_trainable(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
             kind = "role" if not _GLOB.search(item) and item not in ("all", "norm") else "item"
             raise FxcookError(
                 f"train: trainable {kind} {item!r} matches no parameter of the model ({len(names)} parameters, "
-                f"e.g. {', '.join(names[:3])}); roles are all, norm, lora (LoRA adapters), head (a task head) "
+                f"e.g. {', '.join(names[:3])}); roles are all, norm, lora (LoRA adapters) "
                 f"or any module's trainable_role; anything with * ? [ or . is a glob over parameter names"
             )
         chosen |= hit

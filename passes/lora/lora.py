@@ -63,7 +63,7 @@ class Lora(DataPass):
 
     name = "lora"
     Config = LoraConfig
-    after = ("sparsify", "quantize", "prune")
+    after = ("sparsify", "quantize", "prune", "slice")
 
     def __init__(self, *args, importance: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
