@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--importance-batches", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "prune_lora.md"))
     args = p.parse_args()
     budget = dict(
         steps=args.steps,
@@ -104,7 +105,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/prune_lora.py --steps {args.steps} --probe-steps {args.probe_steps} "
         f"--per-class {args.per_class} --test-per-class {args.test_per_class} --importance-batches "
-        f"{args.importance_batches} --batch-size {args.batch_size} --rounds {args.rounds}`",
+        f"{args.importance_batches} --batch-size {args.batch_size} --rounds {args.rounds} --tasks {' '.join(args.tasks)}`",
         "",
         "Machine: 2 CPU cores shared with other jobs (no GPU). Budget per variant: "
         f"{args.probe_steps} head-only steps, then {args.steps} training steps of batch {args.batch_size} "
@@ -145,7 +146,7 @@ def main() -> None:
             rank = next(r for path, r in first["ranks"].items() if path.startswith(b + "."))
             lines.append(f"| {b} | {s:.2f} | {rank} |")
         lines += ["", f"![head importance, {task}](../../docs/img/head_importance_{task}.png)", ""]
-        (ROOT / "benchmarks" / "results" / "prune_lora.md").write_text("\n".join(lines) + "\n")
+        Path(args.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
