@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fxcook.cli import compress, export, inspect, train
+from fxcook.cli import adapt, compress, export, inspect, train
 from fxcook.cli import demo as demo_cmd
 from fxcook.cli.args import at_least, version
 from fxcook.errors import FxcookError
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a compressed model (QAT, masks, distillation) on FSDP2")
     train.add_arguments(tr)
     tr.set_defaults(func=train.main)
+    ad = sub.add_parser(
+        "adapt", help="task-oriented head pruning + rank-varied LoRA (Pruning-Adapter), merged and saved"
+    )
+    adapt.add_arguments(ad)
+    ad.set_defaults(func=adapt.main)
     return p
 
 

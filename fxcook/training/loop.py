@@ -54,6 +54,7 @@ from fxcook.training.distributed import (
     sync_from_rank0,
 )
 from fxcook.training.losses import DistillLoss, block_paths
+from fxcook.training.memory import PeakMemory
 from fxcook.training.regularise import (
     FIXED_LR,
     after_step,
@@ -63,7 +64,9 @@ from fxcook.training.regularise import (
     regularise,
     regularisers,
 )
+from fxcook.training.task import model_inputs
 from fxcook.training.textdata import StepSampler, as_dataset
+from fxcook.training.trainable import apply_trainable
 
 
 @dataclass
@@ -74,6 +77,10 @@ class TrainResult:
     resumed_from: int | None = None
     param_bytes: int = 0  # this rank's parameter bytes (student + loss projections), shards under FSDP2
     optim_bytes: int = 0  # this rank's optimizer state bytes
+    trainable_params: int = 0  # parameters of the student that train (whole model, not this rank's shard)
+    total_params: int = 0
+    peak_memory_bytes: int = 0  # peak memory training added on this rank; `memory_measure` says how
+    memory_measure: str = ""
 
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
@@ -171,6 +178,7 @@ def train(
     progress: bool = True,
     callback=None,
     eval_every: int = 0,
+    trainable=None,
 ) -> TrainResult:
     """Train `cooked` (QAT/masks included) against `loss`, distilling from `teacher` if given.
 
@@ -185,6 +193,8 @@ def train(
     step, saves its checkpoint and raises TrainInterrupted. Under torchrun the student is FSDP2-sharded
     per block (`fsdp=None` means: when the world is larger than one). `callback(step, model)` runs on
     every rank every `eval_every` steps (and at step 0); a dict it returns joins that step's log row.
+    `trainable` ("all", "lora+norm", or parameter globs; see fxcook.training.trainable) freezes the
+    rest of the student; None trains what already requires grad (a Lora pass froze its base weights).
     """
     if data is None:
         raise FxcookError("train needs data=")
@@ -229,6 +239,9 @@ def train(
     teacher_mode = teacher.training if teacher is not None else False
     if teacher is not None:
         teacher.to(device).eval()  # restored on exit; its parameters are never updated (no_grad)
+    if trainable is not None:
+        apply_trainable(cooked, trainable)
+    counts = [(p.numel(), p.requires_grad) for p in cooked.parameters()]
     if fsdp:
         sync_from_rank0([cooked, loss])
         shard(cooked, block_paths(cooked))
@@ -256,6 +269,7 @@ def train(
             start = resumed = load_checkpoint(ckpt, state, opts, rank, fingerprint, schedules)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     result = TrainResult(step=start, resumed_from=resumed)
+    result.trainable_params, result.total_params = sum(n for n, g in counts if g), sum(n for n, _ in counts)
     if outdir is not None and rank == 0:
         outdir.mkdir(parents=True, exist_ok=True)
     log_file = open(outdir / "log.jsonl", "a") if outdir is not None and rank == 0 else None
@@ -273,7 +287,7 @@ def train(
 
         bar = tqdm(total=steps, initial=start, desc="train", unit="step")
     try:
-        with _deferred_sigint() as interrupt:
+        with _deferred_sigint() as interrupt, PeakMemory(device) as peak:
             if callback is not None and eval_every and start == 0:
                 row = {"step": 0, **(callback(0, cooked) or {})}
                 result.log.append(row)
@@ -293,9 +307,9 @@ def train(
                         t_out, t_taps = None, {}
                         if teacher is not None:
                             with torch.no_grad(), collect_taps(teacher, t_specs) as t_taps:
-                                t_out = teacher(**batch)
+                                t_out = teacher(**model_inputs(batch))
                         with collect_taps(cooked, s_specs) as s_taps:
-                            s_out = cooked(**batch)
+                            s_out = cooked(**model_inputs(batch))
                         total, parts = state.loss(batch, s_out, s_taps, t_out, t_taps, denom)
                     total.backward()
                     step_loss += float(total.detach())
@@ -347,6 +361,7 @@ def train(
                     )
                     raise TrainInterrupted(f"interrupted after step {step + 1}{where}")
         result.param_bytes, result.optim_bytes = local_param_bytes(state), sum(map(optimizer_state_bytes, opts))
+        result.peak_memory_bytes, result.memory_measure = peak.bytes, peak.how
     finally:
         cooked.train(student_mode)
         if teacher is not None:

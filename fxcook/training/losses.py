@@ -15,6 +15,8 @@ Terms (weights are per term; 0 disables it):
   taps of mapped blocks (MiniLM). Exact for absolute-position models; pre-rotary for RoPE models.
 - `relation`: KL between value relations softmax(VV^T/sqrt(d)) (MiniLM's V-V).
 - `lm`: next-token cross-entropy without a teacher (continued pretraining after pruning).
+- `task`: cross-entropy of classification logits vs the batch's `labels`, per example
+  (`fxcook.training.task`).
 
 Layer maps: `"uniform"` (student block i -> teacher block round((i+1) n_t / n_s) - 1), `"last_k"`
 (the last k blocks of each, `last_k=` or min of the depths), `"taps"` (the pairs recorded by
@@ -36,6 +38,7 @@ from torch import nn
 from fxcook.errors import FxcookError, PreconditionError
 from fxcook.taps import parse_spec, run_with_taps, tap_points, teacher_pairs
 from fxcook.tracing import main_output
+from fxcook.training.task import model_inputs, task_loss_sum
 
 Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq")
 K_NAMES = ("key", "k_proj", "k", "k_lin", "wk")
@@ -53,6 +56,7 @@ class DistillConfig(BaseModel):
     attention: float = 0.0
     relation: float = 0.0
     lm: float = 0.0
+    task: float = 0.0
     temperature: float = 1.0
     layer_map: Literal["uniform", "last_k", "taps"] | list[str] | None = None  # None: taps if paired, else uniform
     last_k: int | None = None
@@ -117,10 +121,10 @@ class DistillLoss(nn.Module):
         except ValidationError as e:
             raise FxcookError(f"invalid distillation loss config: {e}") from e
         c = self.config
-        if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm)):
+        if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm, c.task)):
             raise FxcookError(
                 "DistillLoss: every term weight is 0; set at least one of "
-                "kl, hidden_mse, hidden_cos, attention, relation, lm"
+                "kl, hidden_mse, hidden_cos, attention, relation, lm, task"
             )
         if c.temperature <= 0:
             raise FxcookError(f"DistillLoss: temperature must be > 0, got {c.temperature}")
@@ -220,8 +224,8 @@ class DistillLoss(nn.Module):
         )
         was = student.training, teacher.training
         with torch.no_grad():
-            _, st = run_with_taps(student, **batch, specs=self.student_taps())
-            _, tt = run_with_taps(teacher, **batch, specs=self.teacher_taps())
+            _, st = run_with_taps(student, **model_inputs(batch), specs=self.student_taps())
+            _, tt = run_with_taps(teacher, **model_inputs(batch), specs=self.teacher_taps())
         student.train(was[0]), teacher.train(was[1])
         for s, t in self.hidden_pairs:
             ds, dt = st[s].shape[-1], tt[t].shape[-1]
@@ -258,7 +262,7 @@ class DistillLoss(nn.Module):
     def _lm_mask(self, batch: dict) -> torch.Tensor:
         mask = self._mask(batch)[:, 1:]
         labels = batch.get("labels")
-        if labels is not None:
+        if labels is not None and labels.dim() == 2:  # token labels; 1-D ones are class labels (task)
             mask = mask * (labels[:, 1:] != -100).float()
         return mask
 
@@ -320,6 +324,8 @@ class DistillLoss(nn.Module):
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1).clamp_min(0), reduction="none"
             )
             sums["lm"] = ((ce.view_as(lm_mask) * lm_mask).sum(), "lm")
+        if c.task:
+            sums["task"] = (task_loss_sum(s_out, batch), "ex")
         total = 0.0
         terms = {}
         for name, (value, kind) in sums.items():
