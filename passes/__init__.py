@@ -6,11 +6,12 @@ A new pass is added here by name, so the recipe keys and the CLI are listed in o
 from __future__ import annotations
 
 from fxcook.passbase import Pass
+from fxcook.passes.droplayers import DropLayers
 from fxcook.passes.moefy import Moefy, Relufy
 from fxcook.passes.quantize import Quantize
 from fxcook.passes.sparsify import Sparsify
 from fxcook.passes.tap import Tap
 
-REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Quantize, Sparsify, Relufy, Moefy, Tap)}
+REGISTRY: dict[str, type[Pass]] = {cls.name: cls for cls in (Quantize, Sparsify, Relufy, Moefy, Tap, DropLayers)}
 
-__all__ = ["REGISTRY", "Moefy", "Quantize", "Relufy", "Sparsify", "Tap"]
+__all__ = ["REGISTRY", "DropLayers", "Moefy", "Quantize", "Relufy", "Sparsify", "Tap"]
