@@ -28,6 +28,7 @@ from fxcook.passes.droplayers.influence import block_influence
 from fxcook.passes.droplayers.placement import candidates, choose
 from fxcook.passes.droplayers.schedule import DropSchedule
 from fxcook.passes.droplayers.surgery import add_gate, bypass, check_bypassable
+from fxcook.tracing import call_sites
 
 __all__ = ["DropLayers", "stacks"]
 
@@ -41,9 +42,17 @@ def stacks(cooked) -> dict[str, list[str]]:
 
 
 def _check_unshared(cooked, blocks: list[str]) -> None:
-    """Blocks sharing parameter tensors (ALBERT) are one layer called many times: none can go alone."""
+    """A block called several times, or blocks sharing parameter tensors, are one set of weights run as
+    many layers (ALBERT): none of those layers can go alone."""
+    calls = call_sites(cooked)
     owner: dict[int, str] = {}
     for block in blocks:
+        n = len(calls.get(block, []))
+        if n > 1:
+            raise PreconditionError(
+                f"droplayers: block {block} is called {n} times (one set of parameters shared by {n} layers, "
+                f"ALBERT-style); dropping it would remove every one of them; layer dropping needs unshared blocks"
+            )
         for _, p in cooked.get_submodule(block).named_parameters(remove_duplicate=False):
             if id(p) in owner and owner[id(p)] != block:
                 raise PreconditionError(
