@@ -102,7 +102,7 @@ def test_placement_rules(n, data, keep_first_last):
 
 
 # ---- exactness ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["bert", "gpt2", "t5", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
 def test_count_zero_is_identity(family):
     model, x = _model(family, 3), tiny_inputs(family)
     cooked = fxcook.capture(model, x)
@@ -114,7 +114,7 @@ def test_count_zero_is_identity(family):
     torch.testing.assert_close(_run(after, x, "bert"), _run(cooked, x, "bert"), rtol=0, atol=0)
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(st.sampled_from(["bert", "gpt2", "t5", "llama"]), st.integers(3, 5), st.data())
 def test_matches_hand_built_hf_model(family, n, data):
     seed = data.draw(st.integers(0, 1000))
