@@ -7,16 +7,14 @@
 - `homotopic`: every student block's output against the teacher block it came from (MSE), their
   Q-K attention maps, the embedding output (MSE), `lam` x KL and LM.
 
-The distillation recipes normalise each term to the LM loss's magnitude (`normalize=True`): a term t
-enters the total as w * t * (lm / t), both ratios detached, so it keeps its own gradient direction
-at the size of the LM term and the weights (lambda) alone set the mix.
+The distillation recipes normalise each term to the LM loss's magnitude (`normalize=True`, see
+`fxcook.training.scaling`).
 """
 
 from __future__ import annotations
 
-import torch
-
 from fxcook.errors import FxcookError
+from fxcook.training.losses import DistillLoss
 
 BASELINES = {
     "continued": {"lm": 1.0},
@@ -41,12 +39,4 @@ def baseline_config(name: str, lam: float = 1.0, **overrides) -> dict:
 
 def baseline(name: str, lam: float = 1.0, **overrides):
     """A DistillLoss for baseline `name` (e.g. `baseline("kd", lam=0.5, causal=True)`)."""
-    from fxcook.training.losses import DistillLoss
-
     return DistillLoss(**baseline_config(name, lam, **overrides))
-
-
-def normalized(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each term but `lm` rescaled to the LM term's size by the detached ratio lm / term."""
-    lm = values["lm"].detach()
-    return {k: v if k == "lm" else v * (lm / v.detach().clamp_min(1e-12)) for k, v in values.items()}

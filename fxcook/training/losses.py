@@ -16,7 +16,7 @@ Terms (weights are per term; 0 disables it):
 - `relation`: KL between value relations softmax(VV^T/sqrt(d)) (MiniLM's V-V).
 - `lm`: next-token cross-entropy without a teacher (continued pretraining after pruning).
 - `embedding`: MSE between what enters both models' first blocks (their embedding outputs).
-- `normalize`: every other term rescaled to the LM term's magnitude (`fxcook.training.baselines`).
+- `normalize`: every other term rescaled to the LM term's magnitude (`fxcook.training.scaling`).
 
 Layer maps: `"uniform"` (student block i -> teacher block round((i+1) n_t / n_s) - 1), `"last_k"`
 (the last k blocks of each, `last_k=` or min of the depths), `"taps"` (the pairs recorded by
@@ -39,8 +39,8 @@ from torch import nn
 from fxcook.errors import FxcookError, PreconditionError
 from fxcook.taps import parse_spec, run_with_taps, tap_points, teacher_pairs
 from fxcook.tracing import main_output
-from fxcook.training.baselines import normalized
 from fxcook.training.layermap import embedding_pair, origin_pairs
+from fxcook.training.scaling import normalized
 
 Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq")
 K_NAMES = ("key", "k_proj", "k", "k_lin", "wk")
