@@ -135,7 +135,7 @@ def pretrained(s: dict, data, heldout, probe) -> tuple[tf.LlamaForCausalLM, dict
 # ---- part 1 -------------------------------------------------------------------------------------
 def decoder_arms(s: dict, args) -> list[dict]:
     lines = shakespeare_lines(seed=0)
-    held_lines, train_lines = lines[:600], lines[600:]
+    held_lines, train_lines = lines[: args.heldout], lines[600:]  # training never sees the first 600
     tok = tokenizer_for(train_lines, s["vocab"])
     data, heldout = packed(tok, train_lines, s["seq"]), packed(tok, held_lines, s["seq"])
     probe = {k: v[:2] for k, v in data.items()}
@@ -191,7 +191,7 @@ def minilm_arms(args) -> list[dict]:
 
     model, tok = load_model("minilm")
     lines = shakespeare_lines(seed=1)
-    held, train = lines[:128], lines[128:2128]
+    held, train = lines[: args.minilm_heldout], lines[128:2128]
     enc = lambda texts: dict(tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))  # noqa: E731
     probe = enc(held[:2])
     ref = embed(model, tok, held)
@@ -248,7 +248,7 @@ def report(rows: list[dict], s: dict, args, minilm: list[dict] | None = None) ->
         f"Decoder: Llama-style, {s['layers']} blocks, hidden {s['hidden']}, byte-level BPE vocabulary {s['vocab']}, "
         f"rows of {s['seq']} tokens, batch {s['batch']}; pretrained {s['pretrain']} steps; every arm trains "
         f"{s['arm']} steps ({s['arm'] * s['batch'] * s['seq']:,} tokens) after removing {s['layers'] // 2} blocks. "
-        f"Held-out: 600 Shakespeare lines not trained on. FLOPs: 6 N T (+ 2 N_teacher T with a teacher).",
+        f"Held-out: {args.heldout} Shakespeare lines not trained on. FLOPs: 6 N T (+ 2 N_teacher T with a teacher).",
         "",
         "| arm | one-shot ppl | ppl | next-token acc | wall s | train FLOPs |",
         "|---|---:|---:|---:|---:|---:|",
@@ -261,7 +261,7 @@ def report(rows: list[dict], s: dict, args, minilm: list[dict] | None = None) ->
             "",
             "## MiniLM (all-MiniLM-L6-v2) 6 -> 4 and 3 blocks",
             "",
-            f"Fidelity: cosine of mean-pooled embeddings vs the 6-block original on 128 held-out Shakespeare lines. "
+            f"Fidelity: cosine of mean-pooled embeddings vs the 6-block original on {args.minilm_heldout} held-out Shakespeare lines. "
             f"Distilled: {args.minilm_steps} steps of last-block hidden MSE against the original (batch 16, lr 5e-5). "
             f"ORT speed-up: batch 8 x up to 64 tokens, 2 threads, median of {args.rounds} paired rounds vs the 6-block ONNX.",
             "",
@@ -282,9 +282,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI-sized decoder (8 blocks, hidden 128)")
     ap.add_argument("--pretrain-steps", type=int)
     ap.add_argument("--arm-steps", type=int)
+    for size in ("layers", "hidden", "seq", "batch"):
+        ap.add_argument(f"--{size}", type=int, help=f"decoder {size} (default: by --quick)")
+    ap.add_argument("--heldout", type=int, default=600, help="held-out lines for perplexity (at most 600)")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-decoder", action="store_true")
     ap.add_argument("--minilm-steps", type=int, default=40)
+    ap.add_argument("--minilm-heldout", type=int, default=128, help="held-out lines for MiniLM fidelity (at most 128)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/layer_drop.md")
@@ -293,6 +297,7 @@ def main(argv=None) -> int:
     s = dict(SIZES["quick" if args.quick else "full"])
     s["pretrain"] = args.pretrain_steps or s["pretrain"]
     s["arm"] = args.arm_steps or s["arm"]
+    s.update({k: getattr(args, k) for k in ("layers", "hidden", "seq", "batch") if getattr(args, k)})
     rows = [] if args.skip_decoder else decoder_arms(s, args)
     minilm = None if args.skip_minilm else minilm_arms(args)
     report(rows, s, args, minilm)
