@@ -187,39 +187,39 @@ class DropLayers(DataPass):
             if hit:
                 raise PreconditionError(f"droplayers: block {path} holds {hit[0]}, which a training schedule updates")
 
+    def _gated(self) -> bool:
+        """Dropped during training (gates now), not at once: `every` is set and no settled record says otherwise."""
+        return bool(self.config.every) and not (self.restore or {}).get("settled", False)
+
     def call(self, cooked) -> PassResult:
-        if self.restoring:
-            dropped, settled = list(self.restore["dropped"]), self.restore.get("settled", True)
+        plan = self.restore["dropped"] if self.restoring else [p for ps in self._plan(cooked).values() for p in ps]
+        self._dropped = list(plan)
+        touched = list(dict.fromkeys(p.rpartition(".")[0] for p in self._dropped))
+        if self._gated():
+            schedule = self._schedule(cooked, self._dropped, touched)
+            changes = [Change(p, f"frozen; dropped at step {schedule.every * (i + 1)}") for i, p in enumerate(plan)]
         else:
-            dropped, settled = [p for paths in self._plan(cooked).values() for p in paths], not self.config.every
-        self._dropped = dropped
-        sizes = {stack: len(blocks) for stack, blocks in stacks(cooked).items()}
-        touched = list(dict.fromkeys(p.rpartition(".")[0] for p in dropped))
-        if self.config.every and not settled:
-            changes = self._schedule(cooked, dropped)
-        else:
+            sizes = {stack: len(blocks) for stack, blocks in stacks(cooked).items()}
             changes = [
-                Change(p, f"dropped (block {p.rpartition('.')[2]} of {sizes[p.rpartition('.')[0]]})") for p in dropped
+                Change(p, f"dropped (block {p.rpartition('.')[2]} of {sizes[p.rpartition('.')[0]]})") for p in plan
             ]
-            for path in dropped:
+            for path in self._dropped:
                 bypass(cooked, path)
-            if dropped:
+            if self._dropped:
                 cooked.__dict__.setdefault("hf_edits", []).append(hf_edit(cooked, touched))
         cooked.recompile()
         result = self.finish(cooked, changes)
-        if self.config.every and not settled:
-            self._schedule_obj.entry = cooked.__dict__[ENTRIES][-1]
-            self._schedule_obj.stacks = touched
+        if self._gated():  # the schedule marks this record settled when it removes the blocks
+            schedule.entry = cooked.__dict__[ENTRIES][-1]
         return result
 
-    def _schedule(self, cooked, order: list[str]) -> list[Change]:
+    def _schedule(self, cooked, order: list[str], touched: list[str]) -> DropSchedule:
         gates = {path: add_gate(cooked, path) for path in order}
         for path in order:
             cooked.get_submodule(path).requires_grad_(False)
-        self._schedule_obj = DropSchedule(order, self.config.every, gates)
-        cooked.mask_schedules.append(self._schedule_obj)
-        every = self.config.every
-        return [Change(p, f"frozen; dropped at step {every * (i + 1)}") for i, p in enumerate(order)]
+        schedule = DropSchedule(order, self.config.every, gates, touched)
+        cooked.mask_schedules.append(schedule)
+        return schedule
 
     def record(self) -> dict:
         if self.restoring:
@@ -227,8 +227,6 @@ class DropLayers(DataPass):
         return {"dropped": list(self._dropped), **({"settled": False} if self.config.every else {})}
 
     def ensures(self, cooked) -> None:
-        if self.config.every and not self.restore or (self.restore and not self.restore.get("settled", True)):
-            return
         left = [p for p in self._dropped if p in dict(cooked.named_modules())]
-        if left:
+        if left and not self._gated():
             raise PassError(f"droplayers: blocks {left} are still in the model after dropping")

@@ -17,14 +17,14 @@ from fxcook.passes.droplayers.surgery import BlockGate, bypass, remove_gate
 class DropSchedule:
     """Gate off block `order[i]` once `every * (i + 1)` optimizer steps have run."""
 
-    def __init__(self, order: list[str], every: int, gates: dict[str, BlockGate]):
+    def __init__(self, order: list[str], every: int, gates: dict[str, BlockGate], stacks: list[str]):
         self.paths = list(order)
         self.every = every
         self.gates = gates
         self.last_update: int | None = None
         self.final = False
         self.entry: dict | None = None  # the pass's recipe entry, whose record says when the blocks are gone
-        self.stacks: list[str] = []  # the stacks the blocks come from
+        self.stacks = stacks  # the stacks the blocks come from (their HF depth changes on settling)
 
     def dropped_at(self, step: int) -> int:
         return min(step // self.every, len(self.paths))
