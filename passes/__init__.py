@@ -6,6 +6,7 @@ A new pass is added here by name, so the recipe keys and the CLI are listed in o
 from __future__ import annotations
 
 from fxcook.passbase import Pass
+from fxcook.passes.droplayers import DropLayers
 from fxcook.passes.lora import Lora, MergeLora
 from fxcook.passes.moefy import Moefy, Relufy
 from fxcook.passes.prune import Prune, Slice
@@ -14,7 +15,19 @@ from fxcook.passes.sparsify import Sparsify
 from fxcook.passes.tap import Tap
 
 REGISTRY: dict[str, type[Pass]] = {
-    cls.name: cls for cls in (Quantize, Sparsify, Relufy, Moefy, Tap, Prune, Slice, Lora, MergeLora)
+    cls.name: cls for cls in (Quantize, Sparsify, Relufy, Moefy, Tap, Prune, Slice, Lora, MergeLora, DropLayers)
 }
 
-__all__ = ["REGISTRY", "Lora", "MergeLora", "Moefy", "Prune", "Quantize", "Relufy", "Slice", "Sparsify", "Tap"]
+__all__ = [
+    "REGISTRY",
+    "DropLayers",
+    "Lora",
+    "MergeLora",
+    "Moefy",
+    "Prune",
+    "Quantize",
+    "Relufy",
+    "Slice",
+    "Sparsify",
+    "Tap",
+]

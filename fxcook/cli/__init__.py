@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     com.set_defaults(func=compress.cmd_compress)
     exp = sub.add_parser("export", help="export a saved compressed model to ONNX, OpenVINO IR or a TensorRT engine")
     exp.add_argument("dir", help="a directory written by compress, train (its model/) or fxcook.save")
-    exp.add_argument("--to", required=True, choices=("onnx", "openvino", "tensorrt"), help="target runtime")
+    exp.add_argument(
+        "--to",
+        required=True,
+        choices=("onnx", "openvino", "tensorrt", "hf"),
+        help="target runtime (hf: a plain transformers model directory)",
+    )
     exp.add_argument(
         "--out",
         help="output file (default: DIR.onnx, DIR.xml or DIR.engine beside DIR; openvino writes its weights "

@@ -1,4 +1,5 @@
-"""`fxcook export`: a saved model to ONNX, OpenVINO IR (model.xml + model.bin) or a TensorRT engine."""
+"""`fxcook export`: a saved model to ONNX, OpenVINO IR (model.xml + model.bin), a TensorRT engine or a plain
+HF model directory."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ def cmd_export(args) -> int:
     source = Path(args.dir)
     if not source.is_dir():
         raise FxcookError(f"export: {source} is not a directory holding a saved fxcook model")
+    if args.to == "hf":
+        return _export_hf(source, args.out)
     suffix = {"onnx": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[args.to]
     target = check_out_file(Path(args.out) if args.out else source.with_name(source.name + suffix))
     if args.to == "openvino":
@@ -43,4 +46,16 @@ def _export_openvino(source: Path, target: Path) -> int:
     print(
         f"wrote {ov_rt.export(cooked, target, example_inputs=cooked.origin.inputs)} (+ {target.with_suffix('.bin').name})"
     )
+    return 0
+
+
+def _export_hf(source: Path, out: str | None) -> int:
+    """A plain transformers model directory, verified against the saved model before it lands."""
+    from fxcook.paths import check_out_dir
+
+    target = check_out_dir(Path(out) if out else source.with_name(source.name + "-hf"), source=source)
+    from fxcook import load
+    from fxcook.runtime.hf import save_pretrained
+
+    print(f"wrote {save_pretrained(load(source), target)}")
     return 0

@@ -360,6 +360,8 @@ def train(
                         else ""
                     )
                     raise TrainInterrupted(f"interrupted after step {step + 1}{where}")
+        for sched in schedules:  # e.g. DropLayers(every=K): blocks gated off during the run leave the model
+            getattr(sched, "settle", lambda _cooked: None)(cooked)
         result.param_bytes, result.optim_bytes = local_param_bytes(state), sum(map(optimizer_state_bytes, opts))
         result.peak_memory_bytes, result.memory_measure = peak.bytes, peak.how
     finally:

@@ -17,10 +17,13 @@ Terms (weights are per term; 0 disables it):
 - `lm`: next-token cross-entropy without a teacher (continued pretraining after pruning).
 - `task`: cross-entropy of classification logits vs the batch's `labels`, per example
   (`fxcook.training.task`).
+- `embedding`: MSE between what enters both models' first blocks (their embedding outputs).
+- `normalize`: every other term rescaled to the LM term's magnitude (`fxcook.training.scaling`).
 
 Layer maps: `"uniform"` (student block i -> teacher block round((i+1) n_t / n_s) - 1), `"last_k"`
 (the last k blocks of each, `last_k=` or min of the depths), `"taps"` (the pairs recorded by
-`Tap("s:t")`), or an explicit list of `"[post]s.path:[post]t.path"` pairs.
+`Tap("s:t")`), `"origin"` (each block of a layer-dropped student and the teacher block it came
+from, `fxcook.training.layermap`), or an explicit list of `"[post]s.path:[post]t.path"` pairs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from torch import nn
 from fxcook.errors import FxcookError, PreconditionError
 from fxcook.taps import parse_spec, run_with_taps, tap_points, teacher_pairs
 from fxcook.tracing import main_output
+from fxcook.training.layermap import embedding_pair, origin_pairs
+from fxcook.training.scaling import normalized
 from fxcook.training.task import model_inputs, task_loss_sum
 
 Q_NAMES = ("query", "q_proj", "q", "q_lin", "wq")
@@ -57,8 +62,12 @@ class DistillConfig(BaseModel):
     relation: float = 0.0
     lm: float = 0.0
     task: float = 0.0
+    embedding: float = 0.0
+    normalize: bool = False  # scale each term to the LM term's size (needs lm > 0)
     temperature: float = 1.0
-    layer_map: Literal["uniform", "last_k", "taps"] | list[str] | None = None  # None: taps if paired, else uniform
+    layer_map: Literal["uniform", "last_k", "taps", "origin"] | list[str] | None = (
+        None  # None: taps if paired, else uniform
+    )
     last_k: int | None = None
     heads: int | None = None
     projection: bool = True
@@ -121,23 +130,26 @@ class DistillLoss(nn.Module):
         except ValidationError as e:
             raise FxcookError(f"invalid distillation loss config: {e}") from e
         c = self.config
-        if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm, c.task)):
+        if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm, c.task, c.embedding)):
             raise FxcookError(
                 "DistillLoss: every term weight is 0; set at least one of "
-                "kl, hidden_mse, hidden_cos, attention, relation, lm, task"
+                "kl, hidden_mse, hidden_cos, attention, relation, lm, task, embedding"
             )
+        if c.normalize and not c.lm:
+            raise FxcookError("DistillLoss: normalize=True scales every term to the LM term's size; set lm > 0")
         if c.temperature <= 0:
             raise FxcookError(f"DistillLoss: temperature must be > 0, got {c.temperature}")
         self.proj = nn.ModuleDict()
         self.hidden_pairs: list[tuple[str, str]] = []
         self.qkv_pairs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+        self.embedding_pair: tuple[str, str] | None = None
         self.heads = c.heads
         self.bound = False
 
     @property
     def needs_teacher(self) -> bool:
         c = self.config
-        return bool(c.kl or c.hidden_mse or c.hidden_cos or c.attention or c.relation)
+        return bool(c.kl or c.hidden_mse or c.hidden_cos or c.attention or c.relation or c.embedding)
 
     # ---- binding: which taps, which projections -------------------------------------------------
     def _block_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
@@ -159,6 +171,8 @@ class DistillLoss(nn.Module):
                 raise FxcookError("layer_map='taps' but the student has no paired taps (Tap('s:t'))")
             return pairs
         sb, tb = block_paths(student), block_paths(teacher)
+        if layer_map == "origin":
+            return origin_pairs(sb, teacher)
         if not sb or not tb:
             raise FxcookError(
                 f"layer_map={layer_map!r} found no transformer blocks "
@@ -190,10 +204,12 @@ class DistillLoss(nn.Module):
         )
 
     def student_taps(self) -> list[str]:
-        return sorted({s for s, _ in self.hidden_pairs} | {t for s, _ in self.qkv_pairs for t in s})
+        emb = {self.embedding_pair[0]} if self.embedding_pair else set()
+        return sorted({s for s, _ in self.hidden_pairs} | {t for s, _ in self.qkv_pairs for t in s} | emb)
 
     def teacher_taps(self) -> list[str]:
-        return sorted({t for _, t in self.hidden_pairs} | {x for _, t in self.qkv_pairs for x in t})
+        emb = {self.embedding_pair[1]} if self.embedding_pair else set()
+        return sorted({t for _, t in self.hidden_pairs} | {x for _, t in self.qkv_pairs for x in t} | emb)
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, batch: dict) -> DistillLoss:
         """Resolve layer pairs and taps and size the projections; `student` is not changed (taps without
@@ -222,6 +238,8 @@ class DistillLoss(nn.Module):
         self.qkv_pairs = (
             [(self._qkv(student, s), self._qkv(teacher, t)) for s, t in pairs] if (c.attention or c.relation) else []
         )
+        if c.embedding:
+            self.embedding_pair = embedding_pair(block_paths(student), block_paths(teacher))
         was = student.training, teacher.training
         with torch.no_grad():
             _, st = run_with_taps(student, **model_inputs(batch), specs=self.student_taps())
@@ -316,6 +334,9 @@ class DistillLoss(nn.Module):
                 kl = (lt.exp() * (lt - ls)).masked_fill(mask[:, None, None, :] == 0, 0).sum(-1)
                 acc = acc + kl.mean(1)
             sums[term] = ((acc / len(self.qkv_pairs) * mask).sum(), "tok")
+        if c.embedding:
+            s, t = self.embedding_pair
+            sums["embedding"] = (((s_taps[s].float() - t_taps[t].float()).pow(2).mean(-1) * mask).sum(), "tok")
         if c.lm:
             logits = _logits(s_out, "student")[:, :-1]
             target = batch.get("labels", batch["input_ids"])[:, 1:]
@@ -326,13 +347,10 @@ class DistillLoss(nn.Module):
             sums["lm"] = ((ce.view_as(lm_mask) * lm_mask).sum(), "lm")
         if c.task:
             sums["task"] = (task_loss_sum(s_out, batch), "ex")
-        total = 0.0
-        terms = {}
-        for name, (value, kind) in sums.items():
-            v = value / max(denom[kind], 1.0)
-            total = total + getattr(c, name) * v
-            terms[name] = float(v.detach())
-        return total, terms
+        values = {name: value / max(denom[kind], 1.0) for name, (value, kind) in sums.items()}
+        scaled = normalized(values) if c.normalize else values
+        total = sum(getattr(c, name) * v for name, v in scaled.items())
+        return total, {name: float(v.detach()) for name, v in values.items()}
 
     @staticmethod
     def _split(taps: dict, names: Sequence[str], pick: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
