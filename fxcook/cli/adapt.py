@@ -181,22 +181,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="the encoder: 'minilm' (embedded) or a local HF directory")
     p.add_argument("--task", default="genre", choices=("genre", "play"), help="the offline Shakespeare task")
     p.add_argument("--out", required=True, help="output directory: model/ (fxcook.save), model.onnx, results.json")
-    p.add_argument("--mode", default="prune_lora", choices=("full", "lora", "prune_lora"))
+    p.add_argument(
+        "--mode",
+        default="prune_lora",
+        choices=("full", "lora", "prune_lora"),
+        help="full fine-tuning, uniform LoRA, or importance-pruned heads + rank-varied LoRA (default)",
+    )
     p.add_argument("--target", type=float, default=0.1, help="share of block weights the head pruning removes")
     p.add_argument("--high", type=at_least(1), default=8, help="LoRA rank on the most important blocks")
     p.add_argument("--low", type=at_least(1), default=4, help="LoRA rank on the other blocks")
     p.add_argument("--top-blocks", type=at_least(0), default=2, help="how many blocks get the high rank")
     p.add_argument("--rank", type=at_least(1), default=8, help="the uniform rank of --mode lora")
-    p.add_argument("--steps", type=at_least(1), default=200)
+    p.add_argument("--steps", type=at_least(1), default=200, help="adapter (or full) training steps")
     p.add_argument("--probe-steps", type=at_least(0), default=50, help="head-only steps before importance")
-    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="passages per training step")
     p.add_argument("--importance-batches", type=at_least(1), default=8, help="task batches head importance reads")
     p.add_argument("--per-class", type=at_least(1), default=400, help="training passages per class")
     p.add_argument("--test-per-class", type=at_least(1), default=100, help="held-out passages per class")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the trained parameters")
     p.add_argument("--int8", action="store_true", help="quantize the base to int8 before the adapters")
     p.add_argument("--onnx", action="store_true", help="also export OUT/model.onnx")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, head init and training")
 
 
 def main(args) -> int:
