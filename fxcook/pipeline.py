@@ -11,7 +11,7 @@ from fxcook import calling, tracing
 from fxcook.cooked import CookedModel, Origin, PassRecord
 from fxcook.errors import CaptureError, FxcookError, PassError
 from fxcook.passbase import Pass
-from fxcook.report import activated_size, parameter_count
+from fxcook.report import activated_size, block_weights, parameter_count
 from fxcook.sites import build_sites
 
 
@@ -70,6 +70,8 @@ def apply(cooked: CookedModel, passes: Iterable[Pass]) -> CookedModel:
     A failing pass leaves `cooked` as far as it got (compile's copy, never the user's model).
     """
     passes = pipeline(passes)
+    if getattr(cooked, "dense_block_weights", None) is None:  # the baseline of every size ratio in the report
+        cooked.dense_block_weights = block_weights(cooked)
     for p in passes:
         ran = [r.spec for r in cooked.history]
         try:

@@ -59,10 +59,14 @@ def _fmt(n: float) -> str:
 
 
 def render(cooked, per_layer: bool = False) -> str:
-    base = block_weights(cooked)
+    """Sizes are ratios to the block weights as captured (`dense_block_weights`, set before the first pass),
+    so passes that remove weights (slicing, dropped layers) show up as smaller, not as a new baseline."""
+    now = block_weights(cooked)
+    base = getattr(cooked, "dense_block_weights", None) or now
     lines = [
-        f"model: {parameter_count(cooked):,} parameters; block weights {base:,} "
-        f"({len(cooked.sites.blocks)} blocks, {len(cooked.sites.find('linear'))} linear sites)"
+        f"model: {parameter_count(cooked):,} parameters; block weights {now:,}"
+        + (f" of {base:,} as captured" if now != base else "")
+        + f" ({len(cooked.sites.blocks)} blocks, {len(cooked.sites.find('linear'))} linear sites)"
     ]
     if not cooked.history:
         lines.append("passes: none")
