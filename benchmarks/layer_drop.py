@@ -45,8 +45,8 @@ from fxcook.training.baselines import baseline  # noqa: E402
 
 PRETRAIN_LR, ARM_LR = 3e-3, 1e-3  # AdamW, warmup 5% then cosine; the pruned arms continue from trained weights
 PLACEMENTS = ("max-gap", "input", "output", "middle", "both", "block-influence")
-SIZES = {  # the full setting of the issue, and one that fits a CI smoke run
-    "full": dict(layers=12, hidden=256, seq=128, batch=32, vocab=4096, pretrain=3000, arm=600),
+SIZES = {  # the setting that fits about 75 minutes on one CPU thread, and one that fits a CI smoke run
+    "full": dict(layers=12, hidden=256, seq=128, batch=8, vocab=4096, pretrain=1400, arm=140),
     "quick": dict(layers=8, hidden=128, seq=64, batch=16, vocab=2048, pretrain=300, arm=60),
 }
 
@@ -104,14 +104,21 @@ def evaluate(model, rows: dict[str, torch.Tensor], batch: int = 32) -> dict[str,
     return {"ppl": math.exp(nll / count), "acc": correct / count}
 
 
-def fit(cooked, data, steps: int, s: dict, teacher=None, loss=None, lr: float = 1e-3) -> float:
-    """Train `cooked` for `steps` and return the wall-clock seconds."""
+def fit(cooked, data, steps: int, s: dict, teacher=None, loss=None, lr: float = 1e-3, seed: int = 0, **kw) -> float:
+    """Train `cooked` for `steps` and return the wall-clock seconds (`kw`: callback/eval_every)."""
     t0 = time.perf_counter()
     fxcook.train(
-        cooked, teacher=teacher, data=data, loss=loss or baseline("continued"), steps=steps,
-        batch_size=s["batch"], lr=lr, warmup=max(steps // 20, 1), max_length=s["seq"], progress=False,
+        cooked, teacher=teacher, data=data, loss=loss or baseline("continued"), steps=steps, seed=seed,
+        batch_size=s["batch"], lr=lr, warmup=max(steps // 20, 1), max_length=s["seq"], progress=False, **kw,
     )  # fmt: skip
     return time.perf_counter() - t0
+
+
+def flatness(curve: list[dict]) -> float:
+    """Relative held-out perplexity gain over the last 20% of steps: (ppl at 80% - final) / ppl at 80%."""
+    last = curve[-1]
+    mark = min(curve, key=lambda r: abs(r["step"] - 0.8 * last["step"]))
+    return (mark["ppl"] - last["ppl"]) / mark["ppl"]
 
 
 def pretrained(s: dict, data, heldout, probe) -> tuple[tf.LlamaForCausalLM, dict]:
@@ -124,9 +131,17 @@ def pretrained(s: dict, data, heldout, probe) -> tuple[tf.LlamaForCausalLM, dict
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(llama_config(s, s["layers"])).eval()
     cooked = fxcook.capture(copy.deepcopy(model), probe)
-    sec = fit(cooked, data, s["pretrain"], s, lr=PRETRAIN_LR)
+    curve, t0 = [], time.perf_counter()
+
+    def probe_heldout(step, m):
+        curve.append({"step": step, "sec": time.perf_counter() - t0, **evaluate(m, heldout)})
+        m.train()
+        print("pretrain", curve[-1], flush=True)
+
+    every = max(s["pretrain"] // 12, 1)
+    sec = fit(cooked, data, s["pretrain"], s, lr=PRETRAIN_LR, callback=probe_heldout, eval_every=every)
     model.load_state_dict(cooked.state_dict())
-    meta = {"seconds": sec, **evaluate(model, heldout)}
+    meta = {"seconds": sec, **evaluate(model, heldout), "curve": curve}
     model.save_pretrained(where)
     (where / "fxcook_pretrain.json").write_text(json.dumps(meta))
     return model.eval(), meta
@@ -144,25 +159,26 @@ def decoder_arms(s: dict, args) -> list[dict]:
     calib = [{k: v[i : i + 8] for k, v in data.items()} for i in range(0, 64, 8)]
     rows = [{"arm": f"teacher ({s['layers']} blocks, pretrained {s['pretrain']} steps)", "ppl": meta["ppl"], "acc": meta["acc"],
              "sec": meta["seconds"], "flops": train_flops(teacher, s["pretrain"] * s["batch"] * s["seq"])}]  # fmt: skip
-    report(rows, s, args)
+    report(rows, s, args, curve=meta.get("curve"))
 
     def student(placement="max-gap", every=0):
         cooked = fxcook.capture(copy.deepcopy(teacher), probe)
         calibration = calib if placement == "block-influence" else None
         return fxcook.apply(cooked, [DropLayers(count=drop, placement=placement, every=every, calibration=calibration)])
 
-    def run(name, cooked, loss=None, with_teacher=False, steps=arm, lr=ARM_LR):
+    def run(name, cooked, loss=None, with_teacher=False, steps=arm, lr=ARM_LR, seed=0):
         before = evaluate(cooked, heldout)
-        sec = fit(cooked, data, steps, s, teacher=teacher if with_teacher else None, loss=loss, lr=lr)
+        sec = fit(cooked, data, steps, s, teacher=teacher if with_teacher else None, loss=loss, lr=lr, seed=seed)
         after = evaluate(cooked, heldout)
         flops = train_flops(cooked, steps * s["batch"] * s["seq"], teacher if with_teacher else None)
         rows.append({"arm": name, "one_shot_ppl": before["ppl"], **after, "sec": sec, "flops": flops})
-        report(rows, s, args)
+        report(rows, s, args, curve=meta.get("curve"))
         print(rows[-1], flush=True)
 
     for placement in PLACEMENTS:
         c = student(placement)
         run(f"{placement}: {[int(p.rpartition('.')[2]) for p in c.pass_entries[-1]['record']['dropped']]} + LM", c)
+    run("max-gap + LM, data order seed 1 (noise floor)", student(), seed=1)
     run(
         f"max-gap incremental (one block every {max(arm // (2 * drop), 1)} steps) + LM",
         student(every=max(arm // (2 * drop), 1)),
@@ -179,7 +195,7 @@ def decoder_arms(s: dict, args) -> list[dict]:
         steps=s["pretrain"] + arm,
         lr=PRETRAIN_LR,
     )
-    return rows
+    return rows, meta.get("curve")
 
 
 # ---- part 2 -------------------------------------------------------------------------------------
@@ -238,13 +254,14 @@ def minilm_arms(args) -> list[dict]:
 
 
 # ---- report -------------------------------------------------------------------------------------
-def report(rows: list[dict], s: dict, args, minilm: list[dict] | None = None) -> None:
+def report(rows: list[dict], s: dict, args, minilm: list[dict] | None = None, curve: list[dict] | None = None) -> None:
     lines = [
         "# Layer dropping + continued pretraining (small-scale reproduction)",
         "",
         f"Command: `python benchmarks/layer_drop.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: 2 shared CPU cores (other jobs ran at the same time: wall-clock is indicative only). "
+        f"Machine: 2 CPU cores shared with one other single-threaded job; torch threads {args.threads} "
+        "(wall-clock is indicative only). "
         f"Decoder: Llama-style, {s['layers']} blocks, hidden {s['hidden']}, byte-level BPE vocabulary {s['vocab']}, "
         f"rows of {s['seq']} tokens, batch {s['batch']}; pretrained {s['pretrain']} steps; every arm trains "
         f"{s['arm']} steps ({s['arm'] * s['batch'] * s['seq']:,} tokens) after removing {s['layers'] // 2} blocks. "
@@ -256,6 +273,11 @@ def report(rows: list[dict], s: dict, args, minilm: list[dict] | None = None) ->
     for r in rows:
         one = f"{r['one_shot_ppl']:.1f}" if "one_shot_ppl" in r else ""
         lines.append(f"| {r['arm']} | {one} | {r['ppl']:.2f} | {r['acc']:.4f} | {r['sec']:.0f} | {r['flops']:.2e} |")
+    if curve:
+        lines += ["", "## Pretraining curve (held-out)", "",
+                  f"Relative perplexity gain over the last 20% of steps: {flatness(curve):.1%}.", "",
+                  "| step | wall s | ppl | next-token acc |", "|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {r['step']} | {r['sec']:.0f} | {r['ppl']:.2f} | {r['acc']:.4f} |" for r in curve]
     if minilm:
         lines += [
             "",
@@ -290,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm-steps", type=int, default=40)
     ap.add_argument("--minilm-heldout", type=int, default=128, help="held-out lines for MiniLM fidelity (at most 128)")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/layer_drop.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -298,9 +320,9 @@ def main(argv=None) -> int:
     s["pretrain"] = args.pretrain_steps or s["pretrain"]
     s["arm"] = args.arm_steps or s["arm"]
     s.update({k: getattr(args, k) for k in ("layers", "hidden", "seq", "batch") if getattr(args, k)})
-    rows = [] if args.skip_decoder else decoder_arms(s, args)
+    rows, curve = ([], None) if args.skip_decoder else decoder_arms(s, args)
     minilm = None if args.skip_minilm else minilm_arms(args)
-    report(rows, s, args, minilm)
+    report(rows, s, args, minilm, curve)
     print(Path(args.out).read_text())
     return 0
 
