@@ -46,7 +46,7 @@ from fxcook.training.baselines import baseline  # noqa: E402
 PRETRAIN_LR, ARM_LR = 3e-3, 1e-3  # AdamW, warmup 5% then cosine; the pruned arms continue from trained weights
 PLACEMENTS = ("max-gap", "input", "output", "middle", "both", "block-influence")
 SIZES = {  # the setting that fits about 75 minutes on one CPU thread, and one that fits a CI smoke run
-    "full": dict(layers=12, hidden=256, seq=128, batch=8, vocab=4096, pretrain=1400, arm=140),
+    "full": dict(layers=12, hidden=256, seq=128, batch=8, vocab=4096, pretrain=1400, arm=100),
     "quick": dict(layers=8, hidden=128, seq=64, batch=16, vocab=2048, pretrain=300, arm=60),
 }
 

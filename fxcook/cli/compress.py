@@ -25,7 +25,7 @@ def cmd_compress(args) -> int:
         from fxcook.runtime import onnx as onnx_rt
 
         extras["model.onnx"] = lambda path: onnx_rt.export(cooked, path, example_inputs=batch)
-    save(cooked, out, recipe=Path(args.recipe), extras=extras)
+    save(cooked, out, recipe=Path(recipe.source), extras=extras)
     print(cooked.report(per_layer=args.per_layer))
     print(f"wrote {out}" + (f" (with {out / 'model.onnx'})" if args.onnx else ""))
     return 0
