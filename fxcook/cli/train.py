@@ -158,9 +158,7 @@ def main(args: argparse.Namespace) -> int:
         }
         write_atomic(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
         trained.cpu()
-        save(
-            trained, out / "model", recipe=Path(recipe.source) if recipe else None, extras=tokenizer_extra(tokenizer)
-        )
+        save(trained, out / "model", recipe=Path(recipe.source) if recipe else None, extras=tokenizer_extra(tokenizer))
         print(f"wrote {out / 'model'}")
         if args.onnx:
             from fxcook.runtime import onnx as onnx_rt
