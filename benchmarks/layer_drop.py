@@ -261,15 +261,19 @@ def report(rows: list[dict], s: dict, args, minilm: list[dict] | None = None, cu
         f"Command: `python benchmarks/layer_drop.py {' '.join(sys.argv[1:])}`",
         "",
         f"Machine: 2 CPU cores shared with one other single-threaded job; torch threads {args.threads} "
-        "(wall-clock is indicative only). "
-        f"Decoder: Llama-style, {s['layers']} blocks, hidden {s['hidden']}, byte-level BPE vocabulary {s['vocab']}, "
-        f"rows of {s['seq']} tokens, batch {s['batch']}; pretrained {s['pretrain']} steps; every arm trains "
-        f"{s['arm']} steps ({s['arm'] * s['batch'] * s['seq']:,} tokens) after removing {s['layers'] // 2} blocks. "
-        f"Held-out: {args.heldout} Shakespeare lines not trained on. FLOPs: 6 N T (+ 2 N_teacher T with a teacher).",
-        "",
-        "| arm | one-shot ppl | ppl | next-token acc | wall s | train FLOPs |",
-        "|---|---:|---:|---:|---:|---:|",
+        "(wall-clock is indicative only).",
     ]
+    if rows:
+        lines += [
+            "",
+            f"Decoder: Llama-style, {s['layers']} blocks, hidden {s['hidden']}, byte-level BPE vocabulary {s['vocab']}, "
+            f"rows of {s['seq']} tokens, batch {s['batch']}; pretrained {s['pretrain']} steps; every arm trains "
+            f"{s['arm']} steps ({s['arm'] * s['batch'] * s['seq']:,} tokens) after removing {s['layers'] // 2} blocks. "
+            f"Held-out: {args.heldout} Shakespeare lines not trained on. FLOPs: 6 N T (+ 2 N_teacher T with a teacher).",
+            "",
+            "| arm | one-shot ppl | ppl | next-token acc | wall s | train FLOPs |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
     for r in rows:
         one = f"{r['one_shot_ppl']:.1f}" if "one_shot_ppl" in r else ""
         lines.append(f"| {r['arm']} | {one} | {r['ppl']:.2f} | {r['acc']:.4f} | {r['sec']:.0f} | {r['flops']:.2e} |")
