@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=600, help="held-out lines for perplexity (at most 600)")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-decoder", action="store_true")
-    ap.add_argument("--minilm-steps", type=int, default=40)
+    ap.add_argument("--minilm-steps", type=int, default=100)
     ap.add_argument("--minilm-heldout", type=int, default=128, help="held-out lines for MiniLM fidelity (at most 128)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
