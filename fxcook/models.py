@@ -28,16 +28,21 @@ def model_dir(name: str) -> Path | None:
     return Path(name) if Path(name).is_dir() else None
 
 
+def _is_lm(config) -> bool:
+    """A directory saved from a causal LM keeps its head: next-token training needs the logits."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or ())
+
+
 def load_model(name: str = "minilm"):
     """(model in eval mode, tokenizer) for `minilm`, a local HF directory, or a hub id."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     local = model_dir(name)
     if local is None and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FxcookError(f"model {name!r} is not 'minilm' or a local directory, and HF_HUB_OFFLINE=1 forbids the hub")
     path = name if local is None else str(local)
     try:
-        model = AutoModel.from_pretrained(path)
+        model = (AutoModelForCausalLM if _is_lm(AutoConfig.from_pretrained(path)) else AutoModel).from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise FxcookError(f"cannot load model {name!r}: {e}") from e

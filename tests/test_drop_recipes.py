@@ -54,3 +54,33 @@ def test_drop_decoder_recipe_halves_a_12_block_llama_and_trains_it_with_the_lm_l
         torch.testing.assert_close(
             main_output(fxcook.load(tmp_path / "a")(**probe)), main_output(cooked(**probe)), rtol=1e-5, atol=1e-5
         )
+
+
+def test_drop_decoder_recipe_by_name_through_fxcook_train_keeps_the_lm_head(tmp_path):
+    """A directory saved from a causal LM loads with its head, so the recipe's LM loss has logits."""
+    import transformers as tf
+    from tokenizers import ByteLevelBPETokenizer
+
+    from fxcook.cli import main
+    from fxcook.data import shakespeare_lines
+
+    torch.set_num_threads(1)
+    lines = shakespeare_lines(n=200, seed=3)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lines, vocab_size=300, special_tokens=["<pad>", "<eos>"])
+    bpe.save(str(tmp_path / "bpe.json"))
+    tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "bpe.json"), pad_token="<pad>", eos_token="<eos>")
+    tiny_model("llama", num_hidden_layers=12, vocab_size=len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "lines.txt").write_text("\n".join(lines))
+    args = [
+        *("train", "--model", str(tmp_path / "m"), "--recipe", "drop_decoder", "--data", str(tmp_path / "lines.txt")),
+        *("--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "4", "--max-length", "32", "--eval-lines", "8"),
+    ]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert result["steps"] == 2 and torch.isfinite(torch.tensor(result["final_loss"]))
+    loaded = fxcook.load(tmp_path / "o" / "model")
+    assert list(loaded.sites.blocks) == [f"model.layers.{i}" for i in (0, 2, 4, 7, 9, 11)]
+    ids = torch.tensor([tok("To be, or not to be")["input_ids"]])
+    assert main_output(loaded(input_ids=ids, attention_mask=torch.ones_like(ids))).shape[-1] == len(tok)  # logits
