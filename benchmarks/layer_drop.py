@@ -167,6 +167,8 @@ def decoder_arms(s: dict, args) -> list[dict]:
         return fxcook.apply(cooked, [DropLayers(count=drop, placement=placement, every=every, calibration=calibration)])
 
     def run(name, cooked, loss=None, with_teacher=False, steps=arm, lr=ARM_LR, seed=0):
+        if args.only and args.only not in name:
+            return
         before = evaluate(cooked, heldout)
         sec = fit(cooked, data, steps, s, teacher=teacher if with_teacher else None, loss=loss, lr=lr, seed=seed)
         after = evaluate(cooked, heldout)
@@ -185,6 +187,9 @@ def decoder_arms(s: dict, args) -> list[dict]:
     )
     for name in ("kd", "minilm", "homotopic"):
         run(f"max-gap + {name} (lambda 1)", student(), baseline(name, lam=1.0, causal=True), with_teacher=True)
+    c = student()
+    matched = round(arm * train_flops(c, 1, teacher) / train_flops(c, 1))  # a distillation arm's FLOPs, LM only
+    run(f"max-gap + LM, {matched} steps (the distillation arms' FLOPs)", c, steps=matched)
     for lam in (0.25, 4.0):
         run(f"max-gap + kd (lambda {lam})", student(), baseline("kd", lam=lam, causal=True), with_teacher=True)
     half = tf.LlamaForCausalLM(llama_config(s, s["layers"] - drop)).eval()
@@ -311,6 +316,7 @@ def main(argv=None) -> int:
     for size in ("layers", "hidden", "seq", "batch"):
         ap.add_argument(f"--{size}", type=int, help=f"decoder {size} (default: by --quick)")
     ap.add_argument("--heldout", type=int, default=600, help="held-out lines for perplexity (at most 600)")
+    ap.add_argument("--only", help="run only the decoder arms whose name contains this text")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-decoder", action="store_true")
     ap.add_argument("--minilm-steps", type=int, default=100)
