@@ -43,9 +43,10 @@ def _prune_block(w: torch.Tensor, u: torch.Tensor, pattern: str, sparsity: float
     diag = torch.diagonal(u)
     pruned = torch.zeros_like(w, dtype=torch.bool)
     if pattern == "unstructured":  # mask for the whole block at once, on the weights as they arrive
-        score = (w * w / diag[None, :] ** 2).masked_fill(forced, -1.0)
-        k = int(round(w.numel() * sparsity))
-        if k:
+        pruned |= forced
+        k = int(round(w.numel() * sparsity)) - int(forced.sum())
+        if k > 0:
+            score = (w * w / diag[None, :] ** 2).masked_fill(forced, float("inf"))
             pruned.view(-1)[score.reshape(-1).topk(k, largest=False).indices] = True
     err = torch.zeros_like(w)
     for j in range(cols):
@@ -83,7 +84,6 @@ def sparsegpt(
     w = weight.detach().to(torch.float64).clone()
     forced = torch.zeros_like(w, dtype=torch.bool) if forced is None else forced.to(w.device).bool()
     w[:, dead] = 0.0
-    w[forced] = 0.0
     keep = torch.ones_like(w, dtype=torch.bool)
     for a in range(0, w.shape[1], block):
         b = min(a + block, w.shape[1])
