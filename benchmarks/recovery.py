@@ -216,10 +216,10 @@ def main() -> None:
     p.add_argument("--plot-from", nargs="+", type=Path, help="only redraw --plot from these results files")
     p.add_argument("--ablate", action="store_true", help="run ABLATIONS (the 2:4 stage) instead of --configs")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.plot_from:
         _plot([row for path in args.plot_from for row in _rows_from(path)], Path(args.plot))
         return
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = load_model("minilm")
     recipes = ablation_recipes() if args.ablate else {n: load_recipe(n) for n in args.configs.split(",")}
