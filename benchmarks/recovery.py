@@ -44,8 +44,8 @@ SPARSEGPT = {"pattern": "2:4", "method": "sparsegpt", "sequential": True}
 ABLATIONS = {
     "wanda": ({"pattern": "2:4", "method": "wanda"}, {}, {}),
     "sparsegpt": (SPARSEGPT, {}, {}),
-    "sparsegpt, 64 calibration lines": (SPARSEGPT, {}, {"samples": 64}),
     "sparsegpt, lr 5e-4": (SPARSEGPT, {"lr": 5.0e-4}, {}),
+    "sparsegpt, lr 1e-3": (SPARSEGPT, {"lr": 1.0e-3}, {}),
     "sparsegpt, + attention + relation": (SPARSEGPT, {"loss": {**LOSS, "attention": 1.0, "relation": 1.0}}, {}),
 }
 
