@@ -150,21 +150,31 @@ def _markdown(rows: list[dict], args, held: int, started: float) -> str:
         f"{(time.perf_counter() - started) / 60:.1f} min. Fidelity: embedding cosine vs fp32 on {held} "
         "held-out Shakespeare lines (no calibration set or training run contains them).",
         "",
-        "| config | activated size | stage | steps (cum.) | train s (cum.) | mean cos | min cos |",
-        "|---|---|---|---|---|---|---|",
+        *_table(rows),
+    ]
+    out += ["", "Raw rows (JSON):", "", "```json", json.dumps(rows, indent=1, default=float), "```", ""]
+    return "\n".join(out)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """Markdown rows: one-shot, after each stage, ONNX Runtime; wall minutes of the staged run."""
+    out = [
+        "| config | activated size | wall min | stage | steps (cum.) | train s (cum.) | mean cos | min cos |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = f"{r['activated'] / 1e6:.2f}M ({r['block_weights'] / r['activated']:.1f}x)"
+        wall = f"{r['wall_s'] / 60:.1f}" if "wall_s" in r else "-"
         o = r["oneshot"]
-        out.append(f"| {r['config']} | {size} | one-shot | 0 | 0 | {o['mean_cos']:.4f} | {o['min_cos']:.4f} |")
+        out.append(f"| {r['config']} | {size} | {wall} | one-shot | 0 | 0 | {o['mean_cos']:.4f} | {o['min_cos']:.4f} |")
         steps = secs = 0
         for s in r["stages"]:
             steps, secs = steps + s["steps"], secs + s["seconds"]
-            out.append(f"| | | after {s['name']} | {steps} | {secs:.0f} | {s['mean_cos']:.4f} | {s['min_cos']:.4f} |")
+            fid = f"{s['mean_cos']:.4f} | {s['min_cos']:.4f}"
+            out.append(f"| | | | after {s['name']} | {steps} | {secs:.0f} | {fid} |")
         ort = r["ort"]
-        out.append(f"| | | ONNX Runtime (final) | | | {ort['mean_cos']:.4f} | {ort['min_cos']:.4f} |")
-    out += ["", "Raw rows (JSON):", "", "```json", json.dumps(rows, indent=1, default=float), "```", ""]
-    return "\n".join(out)
+        out.append(f"| | | | ONNX Runtime (final) | | | {ort['mean_cos']:.4f} | {ort['min_cos']:.4f} |")
+    return out
 
 
 def _plot(rows: list[dict], path: Path) -> None:
