@@ -196,9 +196,9 @@ def _plot(rows: list[dict], path: Path) -> None:
             color=line.get_color(),
             label=f"{r['config']} min",
         )
-        ends = [s["seconds"] for s in r["stages"]]
-        for t in [sum(ends[: k + 1]) / 60 for k in range(len(ends) - 1)]:
-            ax.axvline(t, color=line.get_color(), alpha=0.2)
+        stages = sorted({p["stage"] for p in r["curve"]})
+        for k in stages[:-1]:  # a stage ends at its last curve point (the same clock as the x axis)
+            ax.axvline(max(p["train_s"] for p in r["curve"] if p["stage"] == k) / 60, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(f"training time, minutes ({torch.get_num_threads()} torch thread(s), shared CPU)")
     ax.set_ylabel("cosine vs fp32 (held-out)")
     ax.set_title("MiniLM recovery, stage by stage (faint lines: stage boundaries)")
