@@ -11,12 +11,14 @@ columns is one matrix product per block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["sparsegpt", "input_hessians"]
 
 
-def input_hessians(shapes: dict[str, int]) -> tuple[dict[str, torch.Tensor], callable]:
+def input_hessians(shapes: dict[str, int]) -> tuple[dict[str, torch.Tensor], Callable[[str, torch.Tensor], None]]:
     """Empty X^T X accumulators (float64, in_features square) and the `record(path, x)` that fills them."""
     hess = {p: torch.zeros(n, n, dtype=torch.float64) for p, n in shapes.items()}
 
