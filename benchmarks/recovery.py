@@ -11,6 +11,8 @@ curve is drawn into a PNG (matplotlib, the `bench` extra).
         [--plot docs/img/recovery.png]
     python benchmarks/recovery.py --plot-from benchmarks/results/recovery.md benchmarks/results/recovery_combo.md
         (redraw the plot from the JSON rows of earlier results files)
+    python benchmarks/recovery.py --ablate --steps 100 --out benchmarks/results/recovery_ablation.md
+        (the 2:4 stage alone on the fp32 model, one recovery choice changed at a time: ABLATIONS)
 """
 
 from __future__ import annotations
@@ -32,9 +34,33 @@ from fxcook.data import lines_from, token_batches
 from fxcook.evaluate import embed, fidelity
 from fxcook.models import load_model
 from fxcook.pipeline import compile
-from fxcook.recipe import Recipe, load_recipe
+from fxcook.recipe import Recipe, load_recipe, parse_recipe
 from fxcook.report import activated_size, block_weights
 from fxcook.stages import run_stages
+
+LOSS = {"hidden_mse": 1.0, "hidden_cos": 1.0}
+SPARSEGPT = {"pattern": "2:4", "method": "sparsegpt", "sequential": True}
+# one change at a time against the first row: (sparsify options, train keys, calibration keys)
+ABLATIONS = {
+    "wanda": ({"pattern": "2:4", "method": "wanda"}, {}, {}),
+    "sparsegpt": (SPARSEGPT, {}, {}),
+    "sparsegpt, lr 5e-4": (SPARSEGPT, {"lr": 5.0e-4}, {}),
+    "sparsegpt, lr 1e-3": (SPARSEGPT, {"lr": 1.0e-3}, {}),
+    "sparsegpt, + attention + relation": (SPARSEGPT, {"loss": {**LOSS, "attention": 1.0, "relation": 1.0}}, {}),
+}
+
+
+def ablation_recipes() -> dict[str, Recipe]:
+    """One-stage 2:4 recipes, each differing from the first by one recovery choice."""
+    out = {}
+    for label, (sparsify, train, calibration) in ABLATIONS.items():
+        stage_train = {"batch_size": 16, "lr": 2.0e-4, "warmup": 10, "max_length": 64, "loss": LOSS, **train}
+        data = {
+            "calibration": {"data": "shakespeare", "samples": 512, "batch_size": 32, "max_length": 64, **calibration},
+            "stages": [{"name": "sparse", "passes": [{"sparsify": sparsify}], "train": stage_train}],
+        }
+        out[label] = parse_recipe(data, f"ablation {label!r}")
+    return out
 
 
 def _calibration_lines(recipe: Recipe) -> set[str]:
@@ -67,8 +93,7 @@ def _ort(cooked, tok, held, ref) -> dict:
         return fidelity(ref, embed(ort, tok, held))
 
 
-def run_config(name: str, model, tok, held, train_lines, ref, args) -> dict:
-    recipe = load_recipe(name)
+def run_config(name: str, recipe: Recipe, model, tok, held, train_lines, ref, args) -> dict:
     example = dict(tok(held[:2], padding=True, return_tensors="pt"))
     cal = lambda c: token_batches(tok, lines_from(c.data, c.samples, c.seed), c.batch_size, c.max_length)  # noqa: E731
     oneshot = compile(model, recipe.build(calibration=cal(recipe.calibration)), example_inputs=example)
@@ -119,26 +144,37 @@ def _markdown(rows: list[dict], args, held: int, started: float) -> str:
         "",
         f"Command: `python benchmarks/recovery.py {' '.join(sys.argv[1:])}`",
         "",
-        f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch threads, shared with other "
-        f"work (load average {load:.1f} at the end); torch {torch.__version__}. Total wall time "
+        f"Machine: {platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) of a {os.cpu_count()}-core "
+        f"machine shared with other work (load average {load:.1f} at the end); torch {torch.__version__}. "
+        "Train seconds leave out calibration and the fidelity evaluations. Total wall time "
         f"{(time.perf_counter() - started) / 60:.1f} min. Fidelity: embedding cosine vs fp32 on {held} "
         "held-out Shakespeare lines (no calibration set or training run contains them).",
         "",
-        "| config | activated size | stage | steps (cum.) | train s (cum.) | mean cos | min cos |",
-        "|---|---|---|---|---|---|---|",
+        *_table(rows),
+    ]
+    out += ["", "Raw rows (JSON):", "", "```json", json.dumps(rows, indent=1, default=float), "```", ""]
+    return "\n".join(out)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """Markdown rows: one-shot, after each stage, ONNX Runtime; wall minutes of the staged run."""
+    out = [
+        "| config | activated size | wall min | stage | steps (cum.) | train s (cum.) | mean cos | min cos |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = f"{r['activated'] / 1e6:.2f}M ({r['block_weights'] / r['activated']:.1f}x)"
+        wall = f"{r['wall_s'] / 60:.1f}" if "wall_s" in r else "-"
         o = r["oneshot"]
-        out.append(f"| {r['config']} | {size} | one-shot | 0 | 0 | {o['mean_cos']:.4f} | {o['min_cos']:.4f} |")
+        out.append(f"| {r['config']} | {size} | {wall} | one-shot | 0 | 0 | {o['mean_cos']:.4f} | {o['min_cos']:.4f} |")
         steps = secs = 0
         for s in r["stages"]:
             steps, secs = steps + s["steps"], secs + s["seconds"]
-            out.append(f"| | | after {s['name']} | {steps} | {secs:.0f} | {s['mean_cos']:.4f} | {s['min_cos']:.4f} |")
+            fid = f"{s['mean_cos']:.4f} | {s['min_cos']:.4f}"
+            out.append(f"| | | | after {s['name']} | {steps} | {secs:.0f} | {fid} |")
         ort = r["ort"]
-        out.append(f"| | | ONNX Runtime (final) | | | {ort['mean_cos']:.4f} | {ort['min_cos']:.4f} |")
-    out += ["", "Raw rows (JSON):", "", "```json", json.dumps(rows, indent=1, default=float), "```", ""]
-    return "\n".join(out)
+        out.append(f"| | | | ONNX Runtime (final) | | | {ort['mean_cos']:.4f} | {ort['min_cos']:.4f} |")
+    return out
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -160,10 +196,10 @@ def _plot(rows: list[dict], path: Path) -> None:
             color=line.get_color(),
             label=f"{r['config']} min",
         )
-        ends = [s["seconds"] for s in r["stages"]]
-        for t in [sum(ends[: k + 1]) / 60 for k in range(len(ends) - 1)]:
-            ax.axvline(t, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("training time, minutes (2 shared CPU cores)")
+        stages = sorted({p["stage"] for p in r["curve"]})
+        for k in stages[:-1]:  # a stage ends at its last curve point (the same clock as the x axis)
+            ax.axvline(max(p["train_s"] for p in r["curve"] if p["stage"] == k) / 60, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(f"training time, minutes ({torch.get_num_threads()} torch thread(s), shared CPU)")
     ax.set_ylabel("cosine vs fp32 (held-out)")
     ax.set_title("MiniLM recovery, stage by stage (faint lines: stage boundaries)")
     ax.grid(alpha=0.3)
@@ -188,19 +224,20 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/recovery.md")
     p.add_argument("--plot", default="docs/img/recovery.png")
     p.add_argument("--plot-from", nargs="+", type=Path, help="only redraw --plot from these results files")
+    p.add_argument("--ablate", action="store_true", help="run ABLATIONS (the 2:4 stage) instead of --configs")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.plot_from:
         _plot([row for path in args.plot_from for row in _rows_from(path)], Path(args.plot))
         return
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     model, tok = load_model("minilm")
-    names = args.configs.split(",")
-    held, train_lines = _split([load_recipe(n) for n in names], args.held_out)
+    recipes = ablation_recipes() if args.ablate else {n: load_recipe(n) for n in args.configs.split(",")}
+    held, train_lines = _split(list(recipes.values()), args.held_out)
     ref = embed(model, tok, held)
     rows = []
-    for name in names:
-        rows.append(run_config(name, model, tok, held, train_lines, ref, args))
+    for name, recipe in recipes.items():
+        rows.append(run_config(name, recipe, model, tok, held, train_lines, ref, args))
         Path(args.out).write_text(_markdown(rows, args, len(held), started))  # partial results survive a kill
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}, default=float), flush=True)
     if args.plot:

@@ -11,6 +11,8 @@ quantizers switched off, so `Sparsify` and `Quantize` give the same model in eit
 With a `schedule`, masks are recomputed during training by `update_masks(cooked, step)`: a cubic
 ramp of sparsity for unstructured pruning (Zhu & Gupta), periodic 2:4 mask search for 2:4; pruned
 raw weights are kept (dormant, zero-gradient) until the mask is final, then zeroed.
+`method="sparsegpt"` also updates the kept weights (`sparsegpt`); they live in the state dict, so a
+saved model keeps them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fxcook.errors import PassError, PreconditionError
 from fxcook.nn import CookedLinear, swapped_quantizers
 from fxcook.passbase import Change, DataPass, PassConfig, PassResult
 from fxcook.passes.sparsify.masks import count_24_violations, make_mask
+from fxcook.passes.sparsify.sparsegpt import input_hessians, sparsegpt
 from fxcook.select import Select
 from fxcook.tracing import calibration_batches, record_inputs
 
@@ -50,13 +53,15 @@ class Schedule(BaseModel):
 
 class SparsifyConfig(PassConfig):
     pattern: Literal["2:4", "unstructured"] = "2:4"
-    method: Literal["m4n2_1d", "m4n2_2d", "wanda", "magnitude"] = "m4n2_1d"
+    method: Literal["m4n2_1d", "m4n2_2d", "wanda", "magnitude", "sparsegpt"] = "m4n2_1d"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     select: Select = Select()
     schedule: Schedule | None = None
     freeze: bool = True  # after the last scheduled recompute (or at once without a schedule) the mask is final
-    calib_batches: int = Field(16, gt=0)  # Wanda: at most this many calibration batches
-    sequential: bool = False  # Wanda: calibrate block by block on the already-pruned earlier blocks
+    calib_batches: int = Field(16, gt=0)  # Wanda / SparseGPT: at most this many calibration batches
+    sequential: bool = False  # Wanda / SparseGPT: calibrate block by block on the already-pruned earlier blocks
+    block: int = Field(128, gt=0, multiple_of=4)  # SparseGPT: columns per lazy-update block
+    damp: float = Field(0.01, gt=0.0)  # SparseGPT: share of mean(diag X^T X) added to its diagonal
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -66,7 +71,15 @@ class SparsifyConfig(PassConfig):
             )
         if self.pattern == "unstructured" and self.method in ("m4n2_1d", "m4n2_2d"):
             raise ValueError(f"method: {self.method!r} is a 2:4 method; use 'magnitude' or 'wanda' for unstructured")
+        if self.method == "sparsegpt" and self.schedule is not None:
+            raise ValueError(
+                "schedule: method 'sparsegpt' prunes once (it updates the kept weights); drop the schedule"
+            )
         return self
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in ("wanda", "sparsegpt")
 
 
 @contextlib.contextmanager
@@ -121,6 +134,30 @@ class MaskState:
         self.final = config.schedule is None and config.freeze
         self.last_update: int | None = None
 
+    @property
+    def method(self) -> str:
+        """The mask rule `apply` uses: restored SparseGPT masks are Wanda placeholders the saved state replaces."""
+        return "wanda" if self.config.method == "sparsegpt" else self.config.method
+
+    def sparsegpt(self, cooked, paths: list[str], batches: list) -> list[Change]:
+        """Prune `paths` with SparseGPT on `batches` (quantizers off): new masks and updated kept weights."""
+        cfg, mods = self.config, {p: cooked.get_submodule(p) for p in paths}
+        hess, record = input_hessians({p: m.in_features for p, m in mods.items()})
+        with _quantizers_off(cooked):
+            record_inputs(cooked, mods, record, batches, "sparsegpt calibration", cfg.calib_batches)
+        changes = []
+        for path, mod in mods.items():
+            w, base = _full(mod.weight.detach()), self.base.get(path)
+            forced = None if base is None else ~base.bool().cpu()
+            new, keep = sparsegpt(w.float().cpu(), hess[path], cfg.pattern, cfg.sparsity, cfg.block, cfg.damp, forced)
+            mod.set_mask(keep.to(w.device), f"{cfg.pattern} mask (sparsegpt)")
+            with torch.no_grad():
+                mod.weight.copy_(_like(new.to(w.device, w.dtype), mod.weight))
+            changes.append(
+                Change(path, f"{cfg.pattern} mask (sparsegpt), density {mod.density:.3f}, kept weights updated")
+            )
+        return changes
+
     def sparsity_at(self, step: int) -> float:
         """Target sparsity at `step`: cubic ramp from `initial` to `sparsity` over [start, end] (unstructured)."""
         s, cfg = self.config.schedule, self.config
@@ -137,7 +174,7 @@ class MaskState:
             w = _full(mod.weight.detach())
             if base is not None:
                 w = w * base
-            mask = make_mask(w, cfg.method, cfg.pattern, sparsity, self.norms.get(path))
+            mask = make_mask(w, self.method, cfg.pattern, sparsity, self.norms.get(path))
             if base is not None:  # an earlier Sparsify's mask stays: this one only prunes further
                 mask &= base.bool()
             mod.set_mask(mask.to(w.device), f"{cfg.pattern} mask ({cfg.method})")
@@ -196,8 +233,8 @@ class Sparsify(DataPass):
 
     def requires(self, cooked) -> None:
         cfg = self.config
-        if cfg.method == "wanda" and self.calibration is None and not self.restoring:
-            raise PreconditionError("sparsify: method 'wanda' needs calibration=<iterable of model inputs>")
+        if cfg.calibrated and self.calibration is None and not self.restoring:
+            raise PreconditionError(f"sparsify: method {cfg.method!r} needs calibration=<iterable of model inputs>")
         for path, mod in self._linears(cooked):
             out_f, in_f = mod.weight.shape
             if cfg.pattern == "2:4" and in_f % 4:
@@ -219,18 +256,20 @@ class Sparsify(DataPass):
         if cfg.schedule is not None:
             state.last_update = start
             cooked.mask_schedules.append(state)
-        if cfg.method == "wanda" and self.restoring:
+        if cfg.calibrated and self.restoring:
             state.norms = {p: torch.ones(m.in_features) for p, m in linears}
             return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
-        # read the calibration iterable once: sequential Wanda uses it per block, and a generator would run dry
-        batches = (
-            list(calibration_batches(self.calibration, self.name, cfg.calib_batches)) if cfg.method == "wanda" else []
-        )
+        # read the calibration iterable once: sequential calibration uses it per block, and a generator would run dry
+        batches = list(calibration_batches(self.calibration, self.name, cfg.calib_batches)) if cfg.calibrated else []
+        groups: dict[str | None, list[str]] = {}
+        for p in paths:
+            groups.setdefault(cooked.sites.block_of(p) if cfg.sequential else None, []).append(p)
+        if cfg.method == "sparsegpt":
+            # each group is calibrated on inputs produced by the already-pruned (and updated) groups before it
+            return self.finish(
+                cooked, [c for group in groups.values() for c in state.sparsegpt(cooked, group, batches)]
+            )
         if cfg.method == "wanda" and cfg.sequential:
-            # Wanda's order: each block is calibrated on inputs produced by the already-pruned blocks before it
-            groups: dict[str | None, list[str]] = {}
-            for p in paths:
-                groups.setdefault(cooked.sites.block_of(p), []).append(p)
             changes = []
             for group in groups.values():
                 state.norms.update(activation_norms(cooked, group, batches, cfg.calib_batches))
