@@ -230,6 +230,8 @@ def main() -> None:
     if args.plot_from:
         _plot([row for path in args.plot_from for row in _rows_from(path)], Path(args.plot))
         return
+    if args.plot:
+        import matplotlib  # noqa: F401  (the bench extra: missing, it fails now rather than after the runs)
     started = time.perf_counter()
     model, tok = load_model("minilm")
     recipes = ablation_recipes() if args.ablate else {n: load_recipe(n) for n in args.configs.split(",")}
