@@ -101,3 +101,28 @@ def save_tiny_pretrained(path: str | os.PathLike, lines: list[str], seed: int = 
     BertTokenizer(str(vocab)).save_pretrained(path)
     tiny_model("bert", seed, vocab_size=len(words) + 5, **overrides).save_pretrained(path)
     return path
+
+
+def _rank_main(rank: int, fn, tmp: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    try:
+        result = fn(rank, tmp)
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(fn, tmp: str | os.PathLike) -> list:
+    """Run `fn(rank, tmp)` on 2 gloo CPU processes (a module-level function, so spawn can pickle it) and
+    return what each rank returned (JSON-serialisable), in rank order: the FSDP tests' one harness."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(fn, str(tmp)), nprocs=2, join=True)
+    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]

@@ -1,13 +1,10 @@
 """DropLayers(every=K) under FSDP2 (2 gloo ranks on CPU): the gated blocks are removed when the run
 ends on every rank, and losses and the trained model's logits equal one process's."""
 
-import json
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from fxcook.testing import tiny_inputs
+from fxcook.testing import on_two_ranks, tiny_inputs
 
 DROPPED = ["model.layers.1", "model.layers.2"]
 
@@ -34,22 +31,14 @@ def _run(fsdp: bool):
     return result.losses, list(cooked.sites.blocks), cooked.pass_entries[-1]["record"], logits.tolist()
 
 
-def _worker(rank: int, tmp: str):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+def _worker(rank: int, tmp: str) -> dict:
     losses, blocks, record, logits = _run(fsdp=True)
-    with open(f"{tmp}/rank{rank}.json", "w") as f:
-        json.dump({"losses": losses, "blocks": blocks, "record": record, "logits": logits}, f)
-    dist.destroy_process_group()
+    return {"losses": losses, "blocks": blocks, "record": record, "logits": logits}
 
 
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("drop_fsdp"))
-    mp.spawn(_worker, args=(tmp,), nprocs=2, join=True)
-    return [json.load(open(f"{tmp}/rank{r}.json")) for r in range(2)]
+    return on_two_ranks(_worker, tmp_path_factory.mktemp("drop_fsdp"))
 
 
 def test_settle_removes_the_gated_blocks_on_every_rank(two_rank):

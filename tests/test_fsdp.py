@@ -6,12 +6,12 @@ equal one process's on the same global batches, each rank holds about half the p
 and a 2-rank run resumed from its step-2 checkpoint continues with the same losses.
 """
 
-import json
 import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from fxcook.testing import on_two_ranks
 
 STEPS, BATCH = 4, 8
 
@@ -37,15 +37,13 @@ def _kw(out, **extra):
     return dict(steps=STEPS, batch_size=BATCH, lr=1e-2, out=out, save_every=2, keep=5, progress=False, **extra)
 
 
-def _worker(rank: int, tmp: str):
+def _worker(rank: int, tmp: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
     from fxcook.training.distributed import local_param_bytes
     from fxcook.training.loop import train
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     student, teacher, data, loss = _setup()
     result = train(student, teacher, data, loss, **_kw(f"{tmp}/run2"))
     blocks = [s.path for s in student.sites.find("block")]
@@ -63,26 +61,19 @@ def _worker(rank: int, tmp: str):
     dist.barrier()
     student2, teacher2, data2, loss2 = _setup()
     resumed = train(student2, teacher2, data2, loss2, **_kw(f"{tmp}/resume"))
-    with open(f"{tmp}/rank{rank}.json", "w") as f:
-        json.dump(
-            {
-                "losses": result.losses,
-                "sharded": sharded,
-                "proj": has_proj,
-                "bytes": mine,
-                "resumed": resumed.losses,
-                "resumed_from": resumed.resumed_from,
-            },
-            f,
-        )
-    dist.destroy_process_group()
+    return {
+        "losses": result.losses,
+        "sharded": sharded,
+        "proj": has_proj,
+        "bytes": mine,
+        "resumed": resumed.losses,
+        "resumed_from": resumed.resumed_from,
+    }
 
 
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("fsdp"))
-    mp.spawn(_worker, args=(tmp,), nprocs=2, join=True)
-    return [json.load(open(f"{tmp}/rank{r}.json")) for r in range(2)]
+    return on_two_ranks(_worker, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,16 @@ match one process.
 """
 
 import copy
-import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors import safe_open
 from torch import nn
 
 import fxcook
 from fxcook.errors import FxcookError
 from fxcook.passes.prune.l0 import ExpectedSize, HardConcrete, L0Regulariser, Lagrangian, SizeTerm
-from fxcook.testing import tiny_inputs, tiny_model
+from fxcook.testing import on_two_ranks, tiny_inputs, tiny_model
 from fxcook.training.loop import train
 from fxcook.training.losses import DistillLoss
 
@@ -144,11 +142,7 @@ def test_descent_parameters_outside_the_model_are_an_error():
         _train(cooked, 1)
 
 
-def _fsdp_worker(rank: int, tmp: str):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+def _fsdp_worker(rank: int, tmp: str) -> dict:
     cooked, gate = _student(in_forward=False)
     try:  # dies in step 3 on both ranks: the checkpoint of step 2 is the latest
         _train(cooked, 4, out=f"{tmp}/run", save_every=1, callback=_stop_at(3), eval_every=1)
@@ -159,15 +153,12 @@ def _fsdp_worker(rank: int, tmp: str):
     gated, _ = _student(in_forward=True, gate_type=ExpectedGate)
     in_forward = _train(gated, 2)
     rows = {"resumed": resumed.log, "resumed_from": resumed.resumed_from, "gated": in_forward.log}
-    with open(f"{tmp}/rank{rank}.json", "w") as f:
-        json.dump({**rows, "lambdas": _lambdas(again)}, f)
-    dist.destroy_process_group()
+    return {**rows, "lambdas": _lambdas(again)}
 
 
 def test_two_fsdp_ranks_match_one_process(tmp_path):
     """Sharded gates and replicated lambdas: 2 ranks, interrupted and resumed, log what one process does."""
-    mp.spawn(_fsdp_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    ranks = on_two_ranks(_fsdp_worker, tmp_path)
     cooked, _ = _student(in_forward=False)
     single = _train(cooked, 4, fsdp=False)
     terms = ("loss", "l0.expected_sparsity", "l0.lambda1", "l0.lambda2")

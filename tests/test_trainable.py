@@ -1,13 +1,11 @@
 """`fxcook.train(trainable=...)`: only the named parameters train and hold optimizer state, also
 under FSDP2 (2 gloo ranks equal one process on LoRA adapters within 1e-5)."""
 
-import json
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fxcook.errors import FxcookError
+from fxcook.testing import on_two_ranks
 
 STEPS, BATCH = 3, 8
 
@@ -73,23 +71,16 @@ def test_items_matching_nothing_are_errors(spec, culprit):
         _train(cooked, data, trainable=spec)
 
 
-def _worker(rank: int, tmp: str):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+def _worker(rank: int, tmp: str) -> dict:
     cooked, data = _setup()
     result = _train(cooked, data, trainable="lora")
     adapters = {n: _full(p).tolist() for n, p in cooked.named_parameters() if "lora_" in n}
     frozen_sharded = all(hasattr(p, "to_local") for n, p in cooked.named_parameters() if not p.requires_grad)
-    with open(f"{tmp}/rank{rank}.json", "w") as f:
-        json.dump({"losses": result.losses, "adapters": adapters, "sharded": frozen_sharded}, f)
-    dist.destroy_process_group()
+    return {"losses": result.losses, "adapters": adapters, "sharded": frozen_sharded}
 
 
 def test_fsdp2_adapter_training_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    ranks = on_two_ranks(_worker, tmp_path)
     cooked, data = _setup()
     single = _train(cooked, data, trainable="lora", fsdp=False)
     assert all(r["sharded"] for r in ranks)
