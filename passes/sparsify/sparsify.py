@@ -10,7 +10,11 @@ Masks are computed from the raw weights (never the quantized ones) and Wanda's c
 quantizers switched off, so `Sparsify` and `Quantize` give the same model in either order.
 With a `schedule`, masks are recomputed during training by `update_masks(cooked, step)`: a cubic
 ramp of sparsity for unstructured pruning (Zhu & Gupta), periodic 2:4 mask search for 2:4; pruned
-raw weights are kept (dormant, zero-gradient) until the mask is final, then zeroed.
+raw weights are kept (dormant, zero-gradient) until the mask is final, then zeroed. With `fade`
+(2:4), pruned weights are not cut at once: the mask holds a factor at pruned positions that falls
+linearly from 1 at `start` to 0 at `end` (a decaying mask, Kao et al. 2022), so the model starts
+exact and training follows the cut; they keep a scaled gradient and can win their place back at the
+next recompute.
 `method="sparsegpt"` also updates the kept weights (`sparsegpt`); they live in the state dict, so a
 saved model keeps them.
 """
@@ -43,6 +47,7 @@ class Schedule(BaseModel):
     end: int = Field(..., gt=0)  # sparsity reaches its target here; with freeze the mask is final from here
     every: int = Field(100, gt=0)
     initial: float = Field(0.0, ge=0.0, lt=1.0)  # unstructured: sparsity at `start`
+    fade: bool = False  # 2:4: pruned weights scaled by 1 -> 0 over [start, end] instead of cut at `start`
 
     @model_validator(mode="after")
     def _order(self):
@@ -71,6 +76,8 @@ class SparsifyConfig(PassConfig):
             )
         if self.pattern == "unstructured" and self.method in ("m4n2_1d", "m4n2_2d"):
             raise ValueError(f"method: {self.method!r} is a 2:4 method; use 'magnitude' or 'wanda' for unstructured")
+        if self.schedule is not None and self.schedule.fade and self.pattern != "2:4":
+            raise ValueError("schedule: fade is for 2:4 masks (an unstructured schedule already ramps sparsity)")
         if self.method == "sparsegpt" and self.schedule is not None:
             raise ValueError(
                 "schedule: method 'sparsegpt' prunes once (it updates the kept weights); drop the schedule"
@@ -133,6 +140,7 @@ class MaskState:
         self.config, self.paths, self.norms, self.base = config, paths, norms, base
         self.final = config.schedule is None and config.freeze
         self.last_update: int | None = None
+        self.fade = 0.0  # the factor the masks hold at pruned positions (`Schedule.fade`)
 
     @property
     def method(self) -> str:
@@ -166,8 +174,22 @@ class MaskState:
         t = min(max((step - s.start) / (s.end - s.start), 0.0), 1.0)
         return cfg.sparsity + (s.initial - cfg.sparsity) * (1.0 - t) ** 3
 
-    def apply(self, cooked, sparsity: float, final: bool) -> list[Change]:
-        cfg, changes = self.config, []
+    def fade_at(self, step: int) -> float:
+        """The factor on pruned weights at `step` with `fade`: 1 at `start`, 0 from `end` on (else 0)."""
+        s = self.config.schedule
+        if s is None or not s.fade:
+            return 0.0
+        return 1.0 - min(max((step - s.start) / (s.end - s.start), 0.0), 1.0)
+
+    @property
+    def fading(self) -> bool:
+        """True while the masks hold a nonzero factor at pruned positions (not yet 2:4)."""
+        return self.fade > 0.0
+
+    def apply(self, cooked, step: int, final: bool) -> list[Change]:
+        """Masks for `step` of the schedule (sparsity, fade) from the current raw weights."""
+        cfg, changes, sparsity = self.config, [], self.sparsity_at(step)
+        self.fade = 0.0 if final else self.fade_at(step)
         for path in self.paths:
             mod = cooked.get_submodule(path)
             base = self.base.get(path)
@@ -177,11 +199,13 @@ class MaskState:
             mask = make_mask(w, self.method, cfg.pattern, sparsity, self.norms.get(path))
             if base is not None:  # an earlier Sparsify's mask stays: this one only prunes further
                 mask &= base.bool()
-            mod.set_mask(mask.to(w.device), f"{cfg.pattern} mask ({cfg.method})")
+            soft = mask.float() + self.fade * (~mask).float() if self.fading else mask
+            mod.set_mask(soft.to(w.device), f"{cfg.pattern} mask ({cfg.method})")
             if final:
                 with torch.no_grad():
                     mod.weight.mul_(_like(mod.weight_mask, mod.weight))
             what = f"{cfg.pattern} mask ({cfg.method}), density {mod.density:.3f}"
+            what += f", pruned weights x{self.fade:.2f}" if self.fading else ""
             changes.append(Change(path, what + ("" if final else ", recomputed on schedule")))
         return changes
 
@@ -206,7 +230,14 @@ class MaskState:
             return []
         self.last_update = step
         self.final = step >= s.end and self.config.freeze
-        return self.apply(cooked, self.sparsity_at(step), self.final)
+        return self.apply(cooked, step, self.final)
+
+    def settle(self, cooked) -> list[Change]:
+        """After training: a mask still fading (the run ended before `end`) is cut to exact 2:4 now."""
+        if not self.fading:
+            return []
+        self.final = self.config.freeze
+        return self.apply(cooked, self.config.schedule.end, self.final)
 
 
 class Sparsify(DataPass):
@@ -258,7 +289,7 @@ class Sparsify(DataPass):
             cooked.mask_schedules.append(state)
         if cfg.calibrated and self.restoring:
             state.norms = {p: torch.ones(m.in_features) for p, m in linears}
-            return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
+            return self.finish(cooked, state.apply(cooked, start, state.final))
         # read the calibration iterable once: sequential calibration uses it per block, and a generator would run dry
         batches = list(calibration_batches(self.calibration, self.name, cfg.calib_batches)) if cfg.calibrated else []
         groups: dict[str | None, list[str]] = {}
@@ -274,12 +305,12 @@ class Sparsify(DataPass):
             for group in groups.values():
                 state.norms.update(activation_norms(cooked, group, batches, cfg.calib_batches))
                 state.paths = group
-                changes += state.apply(cooked, state.sparsity_at(start), state.final)
+                changes += state.apply(cooked, start, state.final)
             state.paths = paths
             return self.finish(cooked, changes)
         if cfg.method == "wanda":
             state.norms = activation_norms(cooked, paths, batches, cfg.calib_batches)
-        return self.finish(cooked, state.apply(cooked, state.sparsity_at(start), state.final))
+        return self.finish(cooked, state.apply(cooked, start, state.final))
 
     def ensures(self, cooked) -> None:
         state = self.state
@@ -287,7 +318,7 @@ class Sparsify(DataPass):
             mod = cooked.get_submodule(path)
             if mod.weight_mask is None:
                 raise PassError(f"sparsify: {path} has no weight_mask after the pass")
-            if self.config.pattern == "2:4":
+            if self.config.pattern == "2:4" and not state.fading:  # a fading mask is 2:4 once it reaches 0
                 bad, groups = count_24_violations(mod.weight_mask)
                 if bad:
                     raise PassError(f"sparsify: {path} mask has {bad}/{groups} groups of 4 with more than 2 kept")
