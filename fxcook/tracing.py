@@ -70,17 +70,28 @@ def calibration_batches(calibration: Any, owner: str, limit: int | None = None) 
     return itertools.islice(calibration, limit)
 
 
-def run_batches(model: Any, batches: Iterable, desc: str, limit: int | None = None) -> int:
-    """Call `model` on each batch (the first `limit`) under a progress bar; returns how many ran."""
+def run_batches(
+    model: Any, batches: Iterable, desc: str, limit: int | None = None, before: Callable[[Any], None] | None = None
+) -> int:
+    """Call `model` on each batch (the first `limit`) under a progress bar, `before(batch)` first;
+    returns how many ran."""
     from tqdm.auto import tqdm
 
     total = len(batches) if hasattr(batches, "__len__") else None
     total = limit if total is None else total if limit is None else min(total, limit)
     seen = 0
     for batch in tqdm(itertools.islice(batches, limit), desc=desc, total=total, leave=False):
+        if before is not None:
+            before(batch)
         call_batch(model, batch)
         seen += 1
     return seen
+
+
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The real (not padding) tokens of a keyword batch, `attention_mask != 0` as [batch, seq], if it has one."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 @torch.no_grad()
@@ -95,20 +106,27 @@ def record_inputs(
     """Run calibration `batches` through `model`, calling `record(key, x)` with the (detached) first
     input of every call of `modules[key]`: the one calibration recorder of the passes.
 
+    Padding is left out: when a batch has an `attention_mask` and an input is laid out [batch, seq,
+    ...] like it, `x` holds only the real tokens' rows ([tokens, ...]), so padded positions (whatever
+    the model computes there) never reach a Hessian, a norm or a router's training set.
     A module that no batch reached has nothing recorded, so that is a PassError naming it.
     """
     reached: set[str] = set()
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook_for(key):
         def hook(_mod, args):
             reached.add(key)
-            record(key, args[0].detach())
+            x, mask = args[0].detach(), current["mask"]
+            if mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
+                x = x[mask.to(x.device)]
+            record(key, x)
 
         return hook
 
     hooks = [mod.register_forward_pre_hook(hook_for(key)) for key, mod in modules.items()]
     try:
-        run_batches(model, batches, desc, limit)
+        run_batches(model, batches, desc, limit, before=lambda batch: current.update(mask=token_mask(batch)))
     finally:
         for h in hooks:
             h.remove()

@@ -54,6 +54,23 @@ def test_record_inputs_names_the_modules_never_reached_and_respects_the_limit():
     assert not model.b._forward_pre_hooks
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_record_inputs_leaves_padding_out(family):
+    """Calibration on a batch with padding appended records the rows of the unpadded batch only."""
+    model = fxcook.compile(tiny_model(family), [], example_inputs=tiny_inputs(family))
+    path = next(s.path for s in model.sites.find("linear") if model.sites.block_of(s.path) is not None)
+    plain = tiny_inputs(family, seq=6)
+    padded = {k: torch.cat([v, torch.zeros(2, 4, dtype=v.dtype)], 1) for k, v in plain.items()}
+    padded["input_ids"][:, 6:] = 7  # tokens a padding-blind recorder would see
+    rows = {}
+    for name, batch in (("plain", plain), ("padded", padded)):
+        rec = rows.setdefault(name, [])
+        record_inputs(model, {path: model.get_submodule(path)}, lambda k, x, rec=rec: rec.append(x), [batch], "cal")
+    assert rows["plain"][0].shape == (12, rows["plain"][0].shape[-1])  # [batch * seq, features]
+    assert rows["padded"][0].shape == rows["plain"][0].shape
+    torch.testing.assert_close(rows["padded"][0], rows["plain"][0], rtol=1e-5, atol=1e-5)
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.booleans(), st.integers(1, 3))
 def test_main_output(with_loss, n):
