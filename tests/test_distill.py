@@ -58,6 +58,25 @@ def test_hidden_mse_cos_with_mask_and_denominator():
     assert terms["hidden_mse"] == pytest.approx(mse * 2 / 4)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(2, 5), st.integers(0, 10_000))
+def test_pooled_is_the_cosine_of_masked_means(b, s, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    hs, ht = torch.randn(b, s, d, generator=g), torch.randn(b, s, d, generator=g)
+    mask = (torch.rand(b, s, generator=g) < 0.7).long()
+    mask[:, 0] = 1
+    hs_noisy_pad = hs + (1 - mask)[..., None] * 100.0  # what sits at padded positions must not count
+    total, terms = _bound(pooled=2.0)(
+        {"attention_mask": mask}, {"last_hidden_state": hs_noisy_pad}, {}, {"last_hidden_state": ht}, {}
+    )
+    want = 0.0
+    for i in range(b):
+        keep = mask[i].bool()
+        want += 1 - float(F.cosine_similarity(hs[i, keep].mean(0), ht[i, keep].mean(0), dim=0))
+    assert terms["pooled"] == pytest.approx(want / b, rel=1e-4, abs=1e-6)
+    assert float(total) == pytest.approx(2 * want / b, rel=1e-4, abs=1e-6)
+
+
 def test_attention_and_relation_match_manual_maps():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 3, 4, generator=g) for _ in range(3))
@@ -171,6 +190,8 @@ def test_bad_inputs_give_clear_errors():
         DistillLoss(hidden_mse=1.0, projection=False).bind(compile(tiny_model("bert"), [], x), wide, x)
     with pytest.raises(FxcookError, match="need a teacher"):
         DistillLoss(kl=1.0).bind(compile(tiny_model("bert"), [], x), None, x)
+    with pytest.raises(PreconditionError, match=r"pooled: needs equal \[batch, seq, dim\]"):
+        _bound(pooled=1.0)(x, {"logits": torch.zeros(2, 8)}, {}, {"logits": torch.zeros(2, 8)}, {})
     with pytest.raises(PreconditionError, match="no logits"):
         _bound(kl=1.0)(
             x, {"last_hidden_state": torch.zeros(2, 8, 4)}, {}, {"last_hidden_state": torch.zeros(2, 8, 4)}, {}

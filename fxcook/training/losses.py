@@ -18,6 +18,8 @@ Terms (weights are per term; 0 disables it):
 - `task`: cross-entropy of classification logits vs the batch's `labels`, per example
   (`fxcook.training.task`).
 - `embedding`: MSE between what enters both models' first blocks (their embedding outputs).
+- `pooled`: 1 - cosine between the padding-masked token means of both models' main outputs, per
+  example: the sentence embedding a mean-pooling encoder (MiniLM) is used for, distilled directly.
 - `normalize`: every other term rescaled to the LM term's magnitude (`fxcook.training.scaling`).
 
 Layer maps: `"uniform"` (student block i -> teacher block round((i+1) n_t / n_s) - 1), `"last_k"`
@@ -63,6 +65,7 @@ class DistillConfig(BaseModel):
     lm: float = 0.0
     task: float = 0.0
     embedding: float = 0.0
+    pooled: float = 0.0
     normalize: bool = False  # scale each term to the LM term's size (needs lm > 0)
     temperature: float = 1.0
     layer_map: Literal["uniform", "last_k", "taps", "origin"] | list[str] | None = (
@@ -100,6 +103,17 @@ def _logits(out: Any, who: str) -> torch.Tensor:
     return logits.float()
 
 
+def _pooled_cos_loss(s_out: Any, t_out: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Per example, 1 - cos of the masked token means of the two main outputs ([batch, seq, dim])."""
+    s, t = main_output(s_out), main_output(t_out)
+    if s is None or s.dim() != 3 or t is None or s.shape != t.shape:
+        shapes = [None if x is None else tuple(x.shape) for x in (s, t)]
+        raise PreconditionError(f"pooled: needs equal [batch, seq, dim] main outputs, got student/teacher {shapes}")
+    w = mask[..., None]
+    pool = lambda h: (h.float() * w).sum(1) / w.sum(1).clamp_min(1.0)  # noqa: E731
+    return 1 - F.cosine_similarity(pool(s), pool(t), dim=-1)
+
+
 def _masked_softmax_logits(
     a: torch.Tensor, b: torch.Tensor, heads: int, mask: torch.Tensor, causal: bool
 ) -> torch.Tensor:
@@ -130,10 +144,10 @@ class DistillLoss(nn.Module):
         except ValidationError as e:
             raise FxcookError(f"invalid distillation loss config: {e}") from e
         c = self.config
-        if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm, c.task, c.embedding)):
+        if not any((c.kl, c.hidden_mse, c.hidden_cos, c.attention, c.relation, c.lm, c.task, c.embedding, c.pooled)):
             raise FxcookError(
                 "DistillLoss: every term weight is 0; set at least one of "
-                "kl, hidden_mse, hidden_cos, attention, relation, lm, task, embedding"
+                "kl, hidden_mse, hidden_cos, attention, relation, lm, task, embedding, pooled"
             )
         if c.normalize and not c.lm:
             raise FxcookError("DistillLoss: normalize=True scales every term to the LM term's size; set lm > 0")
@@ -149,7 +163,7 @@ class DistillLoss(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         c = self.config
-        return bool(c.kl or c.hidden_mse or c.hidden_cos or c.attention or c.relation or c.embedding)
+        return bool(c.kl or c.hidden_mse or c.hidden_cos or c.attention or c.relation or c.embedding or c.pooled)
 
     # ---- binding: which taps, which projections -------------------------------------------------
     def _block_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
@@ -337,6 +351,8 @@ class DistillLoss(nn.Module):
         if c.embedding:
             s, t = self.embedding_pair
             sums["embedding"] = (((s_taps[s].float() - t_taps[t].float()).pow(2).mean(-1) * mask).sum(), "tok")
+        if c.pooled:
+            sums["pooled"] = (_pooled_cos_loss(s_out, t_out, mask).sum(), "ex")
         if c.lm:
             logits = _logits(s_out, "student")[:, :-1]
             target = batch.get("labels", batch["input_ids"])[:, 1:]
