@@ -171,15 +171,17 @@ class MaskState:
         s, cfg = self.config.schedule, self.config
         if s is None or cfg.pattern == "2:4":
             return cfg.sparsity
-        t = min(max((step - s.start) / (s.end - s.start), 0.0), 1.0)
-        return cfg.sparsity + (s.initial - cfg.sparsity) * (1.0 - t) ** 3
+        return cfg.sparsity + (s.initial - cfg.sparsity) * (1.0 - self._progress(step)) ** 3
 
     def fade_at(self, step: int) -> float:
         """The factor on pruned weights at `step` with `fade`: 1 at `start`, 0 from `end` on (else 0)."""
         s = self.config.schedule
-        if s is None or not s.fade:
-            return 0.0
-        return 1.0 - min(max((step - s.start) / (s.end - s.start), 0.0), 1.0)
+        return 0.0 if s is None or not s.fade else 1.0 - self._progress(step)
+
+    def _progress(self, step: int) -> float:
+        """How far `step` is through the schedule's [start, end], clipped to [0, 1]."""
+        s = self.config.schedule
+        return min(max((step - s.start) / (s.end - s.start), 0.0), 1.0)
 
     @property
     def fading(self) -> bool:
