@@ -34,7 +34,7 @@ from fxcook.data import lines_from, token_batches
 from fxcook.evaluate import embed, fidelity
 from fxcook.models import load_model
 from fxcook.pipeline import compile
-from fxcook.recipe import Recipe, load_recipe, parse_recipe
+from fxcook.recipe import SHIPPED, Recipe, load_recipe, parse_recipe
 from fxcook.report import activated_size, block_weights
 from fxcook.stages import run_stages
 
@@ -69,8 +69,10 @@ def _calibration_lines(recipe: Recipe) -> set[str]:
 
 
 def _split(recipes: list[Recipe], held: int) -> tuple[list[str], list[str]]:
-    """Held-out lines (seed-1 shuffle minus every calibration line) and training lines (the rest)."""
-    seen = set().union(*(_calibration_lines(r) for r in recipes))
+    """Held-out lines (seed-1 shuffle minus every calibration line of `recipes` and of every shipped
+    recipe, so runs of different configs score the same lines) and training lines (the rest)."""
+    shipped = [load_recipe(p.stem) for p in sorted(SHIPPED.glob("*.yaml"))]
+    seen = set().union(*(_calibration_lines(r) for r in [*recipes, *shipped]))
     lines = [line for line in lines_from("shakespeare", seed=1) if line not in seen]
     return lines[:held], lines[held : held + 20000]
 

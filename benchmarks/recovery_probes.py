@@ -4,7 +4,8 @@
 time (all, FFN, FFN in, FFN out, attention q/k/v, q/k, attention out), no training: which layers
 the 2:4 cut hurts. `router`: MoE (32 experts, k-means) on the ReLU-adapted model (its own 150-step
 stage, as in combo.yaml), the oracle router (true activation mass) against the trained MLP router
-at 8/16/24 experts per token, and the MLP router trained on more calibration tokens. Fidelity is
+at 8/16/24 of 32 experts per token, the MLP router trained on more calibration tokens, and the
+partition (k-means on weight rows or MoEfication's co-activation graph; 32 or 64 experts). Fidelity is
 embedding cosine vs fp32 on the held-out lines of benchmarks/recovery.py.
 
     python benchmarks/recovery_probes.py [--probes sensitivity,router] [--held-out 128] [--threads 1]
@@ -34,6 +35,7 @@ from fxcook.models import load_model
 from fxcook.passes.moefy import Moefy
 from fxcook.passes.sparsify import Sparsify
 from fxcook.recipe import load_recipe, parse_recipe
+from fxcook.report import activated_size
 from fxcook.stages import run_stages
 
 FFN_OUT = r"re:layer\.\d+\.output\.dense"  # the FFN's down projection, not attention.output.dense
@@ -52,16 +54,20 @@ RELU_STAGE = {
     "train": {"steps": 150, "batch_size": 16, "lr": 2.0e-4, "warmup": 15, "max_length": 64,
               "loss": {"hidden_mse": 1.0, "hidden_cos": 1.0}},
 }  # fmt: skip
-# (router, experts per token, calibration lines, router tokens kept per FFN, router epochs)
+# (router, experts, experts per token, partition, calibration lines, router tokens per FFN, router epochs)
 ROUTERS = [
-    ("oracle", 8, 256, 16384, 10),
-    ("oracle", 16, 256, 16384, 10),
-    ("oracle", 24, 256, 16384, 10),
-    ("mlp", 8, 256, 8192, 10),
-    ("mlp", 16, 256, 8192, 10),
-    ("mlp", 24, 256, 8192, 10),
-    ("mlp", 16, 2048, 32768, 10),
-    ("mlp", 16, 2048, 32768, 30),
+    ("oracle", 32, 8, "kmeans", 256, 16384, 10),
+    ("oracle", 32, 16, "kmeans", 256, 16384, 10),
+    ("oracle", 32, 24, "kmeans", 256, 16384, 10),
+    ("mlp", 32, 8, "kmeans", 256, 8192, 10),
+    ("mlp", 32, 16, "kmeans", 256, 8192, 10),
+    ("mlp", 32, 24, "kmeans", 256, 8192, 10),
+    ("mlp", 32, 16, "kmeans", 2048, 32768, 10),
+    ("mlp", 32, 16, "kmeans", 2048, 32768, 30),
+    ("mlp", 32, 16, "coactivation", 2048, 32768, 30),
+    ("oracle", 32, 16, "coactivation", 2048, 32768, 30),
+    ("mlp", 64, 32, "kmeans", 2048, 32768, 30),
+    ("mlp", 64, 32, "coactivation", 2048, 32768, 30),
 ]
 
 
@@ -90,13 +96,14 @@ def router(model, tok, held, ref, example, train_lines) -> list[dict]:
     relu = run_stages(model, recipe, tok, train_lines, example_inputs=example, progress=False).model
     rows = [{"router": "(ReLU model, dense FFN)", **fidelity(ref, embed(relu, tok, held))}]
     print(json.dumps(rows[-1]), flush=True)
-    for kind, k, lines, tokens, epochs in ROUTERS:
+    for kind, experts, k, method, lines, tokens, epochs in ROUTERS:
         t = time.perf_counter()
-        p = Moefy(experts=32, top_k=k, method="kmeans", router=kind, epochs=epochs, max_tokens=tokens,
+        p = Moefy(experts=experts, top_k=k, method=method, router=kind, epochs=epochs, max_tokens=tokens,
                   calib_batches=lines // 32, calibration=_batches(tok, lines))  # fmt: skip
         m = fxcook.apply(copy.deepcopy(relu), [p])
         recall = sum(s["recall"] for s in p.stats.values()) / len(p.stats) if kind == "mlp" else 1.0
-        rows.append({"router": kind, "top_k": k, "lines": lines, "tokens": tokens, "epochs": epochs, "recall": recall,
+        rows.append({"router": kind, "experts": experts, "top_k": k, "method": method, "lines": lines,
+                     "tokens": tokens, "epochs": epochs, "recall": recall, "activated": activated_size(m),
                      **fidelity(ref, embed(m, tok, held)), "seconds": time.perf_counter() - t})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -124,14 +131,16 @@ def _markdown(results: dict, held: int, started: float) -> str:
         out.append("")
     if "router" in results:
         out += ["## MoE on the ReLU-adapted model (no training)", "",
-                "| router | experts per token | calibration lines | router tokens per FFN | epochs | held-out recall | mean cos | min cos |",
-                "|---|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+                "| router | experts | per token | partition | calibration lines | router tokens per FFN | epochs | "
+                "held-out recall | activated (M) | mean cos | min cos |",
+                "|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
         for r in results["router"]:
             if "top_k" not in r:
-                out.append(f"| {r['router']} | 32 | | | | | {r['mean_cos']:.4f} | {r['min_cos']:.4f} |")
+                out.append(f"| {r['router']} | | | | | | | | | {r['mean_cos']:.4f} | {r['min_cos']:.4f} |")
                 continue
-            out.append(f"| {r['router']} | {r['top_k']} | {r['lines']} | {r['tokens']} | {r['epochs']} | "
-                       f"{r['recall']:.3f} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} |")  # fmt: skip
+            out.append(f"| {r['router']} | {r['experts']} | {r['top_k']} | {r['method']} | {r['lines']} | {r['tokens']} | "
+                       f"{r['epochs']} | {r['recall']:.3f} | {r['activated'] / 1e6:.3f} | {r['mean_cos']:.4f} | "
+                       f"{r['min_cos']:.4f} |")  # fmt: skip
         out.append("")
     out += ["Raw rows (JSON):", "", "```json", json.dumps(results, indent=1, default=float), "```", ""]
     return "\n".join(out)
