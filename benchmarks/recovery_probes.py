@@ -1,12 +1,12 @@
 """Where the combination loses fidelity: one-shot probes on MiniLM behind the staged recipes' choices.
 
 `sensitivity`: SparseGPT 2:4 (block by block, 1024 calibration lines) on one group of linears at a
-time (all, FFN, FFN in, FFN out, attention q/k/v, q/k, attention out), no training: which layers
-the 2:4 cut hurts. `router`: MoE (32 experts, k-means) on the ReLU-adapted model (its own 150-step
-stage, as in combo.yaml), the oracle router (true activation mass) against the trained MLP router
-at 8/16/24 of 32 experts per token, the MLP router trained on more calibration tokens, and the
-partition (k-means on weight rows or MoEfication's co-activation graph; 32 or 64 experts). Fidelity is
-embedding cosine vs fp32 on the held-out lines of benchmarks/recovery.py.
+time (all, FFN, FFN in, FFN out, attention q/k/v, q/k, attention out; all with 10x the Hessian
+damping), no training: which layers the 2:4 cut hurts. `router`: MoE on the ReLU-adapted model (its
+own 150-step stage, as in combo.yaml): the oracle router (true activation mass) against the trained
+MLP router at 8/16/24 of 32 experts per token, the MLP router trained on more calibration tokens,
+and the partition (k-means on weight rows or MoEfication's co-activation graph; 32 or 64 experts).
+Fidelity is embedding cosine vs fp32 on the held-out lines of benchmarks/recovery.py.
 
     python benchmarks/recovery_probes.py [--probes sensitivity,router] [--held-out 128] [--threads 1]
         [--out benchmarks/results/recovery_probes.md]
@@ -47,6 +47,7 @@ GROUPS = {
     "attention q, k, v": {"include": ["query", "key", "value"]},
     "attention q, k": {"include": ["query", "key"]},
     "attention out": {"include": ["attention.output.dense"]},
+    "all linears, damping 0.1 (not 0.01)": {},
 }
 RELU_STAGE = {
     "name": "relu",
@@ -79,8 +80,15 @@ def sensitivity(model, tok, held, ref, example) -> list[dict]:
     cal, rows = _batches(tok, 1024), []
     for name, select in GROUPS.items():
         t = time.perf_counter()
+        damp = 0.1 if "damping 0.1" in name else 0.01
         p = Sparsify(
-            pattern="2:4", method="sparsegpt", sequential=True, calib_batches=32, select=select, calibration=cal
+            pattern="2:4",
+            method="sparsegpt",
+            sequential=True,
+            calib_batches=32,
+            damp=damp,
+            select=select,
+            calibration=cal,
         )
         m = fxcook.compile(model, [p], example_inputs=example)
         rows.append({"group": name, **fidelity(ref, embed(m, tok, held)), "seconds": time.perf_counter() - t})
