@@ -102,13 +102,15 @@ def record_inputs(
     batches: Iterable,
     desc: str,
     limit: int | None = None,
+    skip_padding: bool = False,
 ) -> None:
     """Run calibration `batches` through `model`, calling `record(key, x)` with the (detached) first
     input of every call of `modules[key]`: the one calibration recorder of the passes.
 
-    Padding is left out: when a batch has an `attention_mask` and an input is laid out [batch, seq,
-    ...] like it, `x` holds only the real tokens' rows ([tokens, ...]), so padded positions (whatever
-    the model computes there) never reach a Hessian, a norm or a router's training set.
+    `skip_padding`: when a batch has an `attention_mask` and an input is laid out [batch, seq, ...]
+    like it, `x` holds only the real tokens' rows ([tokens, ...]), so padded positions, whose outputs
+    are thrown away, never reach a Hessian, a norm or a router's training set. Activation ranges keep
+    them: a dynamic per-tensor scale sees a padded batch's padded positions at inference too.
     A module that no batch reached has nothing recorded, so that is a PassError naming it.
     """
     reached: set[str] = set()
@@ -118,7 +120,7 @@ def record_inputs(
         def hook(_mod, args):
             reached.add(key)
             x, mask = args[0].detach(), current["mask"]
-            if mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
+            if skip_padding and mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
                 x = x[mask.to(x.device)]
             record(key, x)
 

@@ -56,19 +56,22 @@ def test_record_inputs_names_the_modules_never_reached_and_respects_the_limit():
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_record_inputs_leaves_padding_out(family):
-    """Calibration on a batch with padding appended records the rows of the unpadded batch only."""
+    """With skip_padding, a batch with padding appended records the rows of the unpadded batch only."""
     model = fxcook.compile(tiny_model(family), [], example_inputs=tiny_inputs(family))
     path = next(s.path for s in model.sites.find("linear") if model.sites.block_of(s.path) is not None)
     plain = tiny_inputs(family, seq=6)
     padded = {k: torch.cat([v, torch.zeros(2, 4, dtype=v.dtype)], 1) for k, v in plain.items()}
     padded["input_ids"][:, 6:] = 7  # tokens a padding-blind recorder would see
-    rows = {}
+    rows, rec_to = {}, lambda rec: lambda k, x: rec.append(x)
     for name, batch in (("plain", plain), ("padded", padded)):
         rec = rows.setdefault(name, [])
-        record_inputs(model, {path: model.get_submodule(path)}, lambda k, x, rec=rec: rec.append(x), [batch], "cal")
+        record_inputs(model, {path: model.get_submodule(path)}, rec_to(rec), [batch], "cal", skip_padding=True)
     assert rows["plain"][0].shape == (12, rows["plain"][0].shape[-1])  # [batch * seq, features]
     assert rows["padded"][0].shape == rows["plain"][0].shape
     torch.testing.assert_close(rows["padded"][0], rows["plain"][0], rtol=1e-5, atol=1e-5)
+    kept = []  # by default (activation ranges) padded positions are recorded, laid out as the input
+    record_inputs(model, {path: model.get_submodule(path)}, rec_to(kept), [padded], "cal")
+    assert kept[0].shape[:2] == (2, 10)
 
 
 @settings(max_examples=20, deadline=None)

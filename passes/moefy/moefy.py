@@ -222,7 +222,7 @@ class Moefy(DataPass):
 
         check_calibration(self.calibration, self.name)
         ups = {s.path: cooked.get_submodule(s.info["up"]) for s in sites}
-        record_inputs(cooked, ups, record, self.calibration, "moefy calibration", cfg.calib_batches)
+        record_inputs(cooked, ups, record, self.calibration, "moefy calibration", cfg.calib_batches, skip_padding=True)
         return {p: torch.cat(xs) for p, xs in store.items()}
 
     def _labels(self, site, cooked, hidden: torch.Tensor | None) -> torch.Tensor:

@@ -106,9 +106,8 @@ def activation_norms(cooked, paths: list[str], calibration: Iterable, max_batche
         sums[path] = (x * x).sum(0) + sums.get(path, 0)
 
     with _quantizers_off(cooked):
-        record_inputs(
-            cooked, {p: cooked.get_submodule(p) for p in paths}, record, calibration, "wanda calibration", max_batches
-        )
+        mods = {p: cooked.get_submodule(p) for p in paths}
+        record_inputs(cooked, mods, record, calibration, "wanda calibration", max_batches, skip_padding=True)
     return {p: sums[p].sqrt() for p in paths}
 
 
@@ -152,7 +151,7 @@ class MaskState:
         cfg, mods = self.config, {p: cooked.get_submodule(p) for p in paths}
         hess, record = input_hessians({p: m.in_features for p, m in mods.items()})
         with _quantizers_off(cooked):
-            record_inputs(cooked, mods, record, batches, "sparsegpt calibration", cfg.calib_batches)
+            record_inputs(cooked, mods, record, batches, "sparsegpt calibration", cfg.calib_batches, skip_padding=True)
         changes = []
         for path, mod in mods.items():
             w, base = _full(mod.weight.detach()), self.base.get(path)
