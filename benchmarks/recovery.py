@@ -100,7 +100,9 @@ def run_config(name: str, recipe: Recipe, model, tok, held, train_lines, ref, ar
     cal = lambda c: token_batches(tok, lines_from(c.data, c.samples, c.seed), c.batch_size, c.max_length)  # noqa: E731
     oneshot = compile(model, recipe.build(calibration=cal(recipe.calibration)), example_inputs=example)
     row = {"config": name, "oneshot": _score(oneshot, tok, held, ref), "stages": [], "curve": []}
-    row["activated"], row["block_weights"] = activated_size(oneshot), block_weights(oneshot)
+    # the ratio is against the uncompressed model's block weights (a sliced or routed model stores fewer or more)
+    row["activated"] = activated_size(oneshot)
+    row["block_weights"] = block_weights(compile(model, [], example_inputs=example))
     if not recipe.staged:
         row["ort"] = _ort(oneshot, tok, held, ref)
         return row
