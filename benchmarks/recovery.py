@@ -95,14 +95,13 @@ def _ort(cooked, tok, held, ref) -> dict:
         return fidelity(ref, embed(ort, tok, held))
 
 
-def run_config(name: str, recipe: Recipe, model, tok, held, train_lines, ref, args) -> dict:
+def run_config(name: str, recipe: Recipe, model, tok, held, train_lines, ref, args, base: int) -> dict:
+    """One config's row; `base`: the uncompressed model's block weights, the activated size's reference."""
     example = dict(tok(held[:2], padding=True, return_tensors="pt"))
     cal = lambda c: token_batches(tok, lines_from(c.data, c.samples, c.seed), c.batch_size, c.max_length)  # noqa: E731
     oneshot = compile(model, recipe.build(calibration=cal(recipe.calibration)), example_inputs=example)
     row = {"config": name, "oneshot": _score(oneshot, tok, held, ref), "stages": [], "curve": []}
-    # the ratio is against the uncompressed model's block weights (a sliced or routed model stores fewer or more)
-    row["activated"] = activated_size(oneshot)
-    row["block_weights"] = block_weights(compile(model, [], example_inputs=example))
+    row["activated"], row["block_weights"] = activated_size(oneshot), base
     if not recipe.staged:
         row["ort"] = _ort(oneshot, tok, held, ref)
         return row
@@ -241,9 +240,11 @@ def main() -> None:
     recipes = ablation_recipes() if args.ablate else {n: load_recipe(n) for n in args.configs.split(",")}
     held, train_lines = _split(list(recipes.values()), args.held_out)
     ref = embed(model, tok, held)
+    # sizes are against the uncompressed model's block weights (a sliced or routed model stores fewer or more)
+    base = block_weights(compile(model, [], example_inputs=dict(tok(held[:2], padding=True, return_tensors="pt"))))
     rows = []
     for name, recipe in recipes.items():
-        rows.append(run_config(name, recipe, model, tok, held, train_lines, ref, args))
+        rows.append(run_config(name, recipe, model, tok, held, train_lines, ref, args, base))
         Path(args.out).write_text(_markdown(rows, args, len(held), started))  # partial results survive a kill
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}, default=float), flush=True)
     if args.plot:

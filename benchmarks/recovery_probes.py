@@ -57,12 +57,11 @@ RELU_STAGE = {
 }  # fmt: skip
 # (router, experts, experts per token, partition, calibration lines, router tokens per FFN, router epochs)
 ROUTERS = [
-    ("oracle", 32, 8, "kmeans", 256, 16384, 10),
-    ("oracle", 32, 16, "kmeans", 256, 16384, 10),
-    ("oracle", 32, 24, "kmeans", 256, 16384, 10),
-    ("mlp", 32, 8, "kmeans", 256, 8192, 10),
-    ("mlp", 32, 16, "kmeans", 256, 8192, 10),
-    ("mlp", 32, 24, "kmeans", 256, 8192, 10),
+    *(
+        (kind, 32, k, "kmeans", 256, tokens, 10)
+        for kind, tokens in (("oracle", 16384), ("mlp", 8192))
+        for k in (8, 16, 24)
+    ),
     ("mlp", 32, 16, "kmeans", 2048, 32768, 10),
     ("mlp", 32, 16, "kmeans", 2048, 32768, 30),
     ("mlp", 32, 16, "coactivation", 2048, 32768, 30),

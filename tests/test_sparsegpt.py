@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from captured import masked_linears
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import fxcook
 from fxcook.errors import PassError
-from fxcook.nn import CookedLinear
 from fxcook.passes.sparsify import Sparsify
 from fxcook.passes.sparsify.masks import m4n2_1d, magnitude, nm_mask, wanda
 from fxcook.passes.sparsify.sparsegpt import sparsegpt
@@ -107,15 +107,11 @@ def _calib():
     return [tiny_inputs("bert", seed=s) for s in range(3)]
 
 
-def _masked(model):
-    return {p: m for p, m in model.named_modules() if isinstance(m, CookedLinear) and m.weight_mask is not None}
-
-
 @pytest.mark.parametrize("sequential", [False, True])
 def test_pass_prunes_24_and_updates_kept_weights(sequential):
     model, ref = _cooked(), _cooked()
     fxcook.apply(model, [Sparsify(method="sparsegpt", calibration=_calib(), sequential=sequential, block=16)])
-    layers = _masked(model)
+    layers = masked_linears(model)
     assert layers and all(m.weight_mask.reshape(-1, 4).sum(1).eq(2).all() for m in layers.values())
     moved = 0
     for path, m in layers.items():
@@ -141,7 +137,7 @@ def test_save_load_restores_masks_and_updated_weights(tmp_path):
     model = _cooked()
     fxcook.apply(model, [Sparsify(method="sparsegpt", calibration=_calib(), block=16)])
     loaded = fxcook.load(fxcook.save(model, tmp_path / "artifact"))
-    for path, m in _masked(model).items():
+    for path, m in masked_linears(model).items():
         got = loaded.get_submodule(path)
         assert torch.equal(got.weight_mask, m.weight_mask) and torch.equal(got.weight, m.weight), path
     x = tiny_inputs("bert", seed=5)

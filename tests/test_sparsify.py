@@ -1,10 +1,11 @@
 """Sparsify on captured models: 2:4 exactness, identity, gradients, optimizer steps, save/load, schedules."""
 
-import copy
 import io
 
 import pytest
 import torch
+from captured import captured as cooked
+from captured import masked_linears as masked
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -19,22 +20,10 @@ from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import main_output
 
 FAMILIES = ("bert", "gpt2", "llama")
-_CACHE = {}
-
-
-def cooked(family: str):
-    """A fresh copy of a captured tiny model (capture once per family: it dominates the run time)."""
-    if family not in _CACHE:
-        _CACHE[family] = fxcook.compile(tiny_model(family), [], example_inputs=tiny_inputs(family))
-    return copy.deepcopy(_CACHE[family])
 
 
 def out(model, family, seed=1):
     return main_output(model(**tiny_inputs(family, seed=seed)))
-
-
-def masked(model):
-    return {p: m for p, m in model.named_modules() if isinstance(m, CookedLinear) and m.weight_mask is not None}
 
 
 @settings(max_examples=12, deadline=None)

@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
+from captured import captured, masked_linears
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import fxcook
-from fxcook.nn import CookedLinear
 from fxcook.passes.sparsify import Sparsify, update_masks
 from fxcook.passes.sparsify.masks import is_24
 from fxcook.testing import tiny_inputs, tiny_model
@@ -18,24 +18,12 @@ from fxcook.tracing import main_output
 from fxcook.training.loop import train
 from fxcook.training.losses import DistillLoss
 
-_BASE = {}
-
-
-def _cooked(family="bert"):
-    if family not in _BASE:
-        _BASE[family] = fxcook.compile(tiny_model(family), [], example_inputs=tiny_inputs(family))
-    return copy.deepcopy(_BASE[family])
-
-
-def _masked(model):
-    return {p: m for p, m in model.named_modules() if isinstance(m, CookedLinear) and m.weight_mask is not None}
-
 
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 3), st.integers(1, 6), st.integers(1, 3))
 def test_fade_starts_exact_then_falls_linearly_to_exact_24(start, length, every):
     end = start + length
-    dense = _cooked()
+    dense = captured("bert")
     model = fxcook.apply(
         copy.deepcopy(dense), [Sparsify(schedule={"start": start, "end": end, "every": every, "fade": True})]
     )
@@ -49,21 +37,21 @@ def test_fade_starts_exact_then_falls_linearly_to_exact_24(start, length, every)
         assert bool(changed) == due, step
         last = step if due else last
         alpha = torch.tensor(max(0.0, 1.0 - (last - start) / length), dtype=torch.float32).item()
-        for path, m in _masked(model).items():
+        for path, m in masked_linears(model).items():
             kept = m.weight_mask == 1
             assert set(m.weight_mask.unique().tolist()) <= {1.0, alpha}, path
             if alpha < 1.0:  # the kept part is 2:4 as soon as the pruned part is scaled down
                 assert is_24(kept.float()) and kept.float().mean() == 0.5, path
     assert state.final and not state.fading
-    for m in _masked(model).values():  # the end: exact 2:4, pruned raw weights zero
+    for m in masked_linears(model).values():  # the end: exact 2:4, pruned raw weights zero
         assert is_24(m.weight) and set(m.weight_mask.unique().tolist()) == {0.0, 1.0}
         assert (m.weight.detach()[m.weight_mask == 0] == 0).all()
 
 
 def test_pruned_weights_keep_a_gradient_scaled_by_the_fade():
-    model = fxcook.apply(_cooked(), [Sparsify(schedule={"start": 0, "end": 4, "every": 1, "fade": True})])
+    model = fxcook.apply(captured("bert"), [Sparsify(schedule={"start": 0, "end": 4, "every": 1, "fade": True})])
     update_masks(model, 1)  # pruned weights now count 0.75
-    path, m = next(iter(_masked(model).items()))
+    path, m = next(iter(masked_linears(model).items()))
     main_output(model(**tiny_inputs("bert"))).square().sum().backward()
     pruned = m.weight_mask == 0.75
     w_eff_grad = m.weight.grad / m.weight_mask  # d loss / d (w * mask)
@@ -103,15 +91,15 @@ def test_resume_in_the_middle_of_the_fade_is_exact(tmp_path):
     resumed, res = _train(8, schedule, out=tmp_path)
     assert res.resumed_from == 3 and resumed.mask_schedules[0].final
     assert res.losses == pytest.approx(ref.losses[3:], rel=1e-5)
-    for path, m in _masked(whole).items():
-        assert torch.equal(m.weight_mask, _masked(resumed)[path].weight_mask), path
-        assert is_24(_masked(resumed)[path].weight), path
+    for path, m in masked_linears(whole).items():
+        assert torch.equal(m.weight_mask, masked_linears(resumed)[path].weight_mask), path
+        assert is_24(masked_linears(resumed)[path].weight), path
 
 
 def test_a_run_that_ends_before_the_fade_does_cuts_to_exact_24():
     model, _ = _train(3, {"start": 0, "end": 10, "every": 1, "fade": True})
     assert not model.mask_schedules[0].fading
-    for path, m in _masked(model).items():
+    for path, m in masked_linears(model).items():
         assert is_24(m.weight) and set(m.weight_mask.unique().tolist()) == {0.0, 1.0}, path
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from captured import masked_linears
 
 import fxcook
 from fxcook import passes as P
-from fxcook.nn import CookedLinear
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.training.loop import train
 from fxcook.training.losses import DistillLoss
@@ -22,10 +22,6 @@ def _student(schedule):
     return fxcook.compile(tiny_model("llama"), [sparsify], tiny_inputs("llama")), sparsify
 
 
-def _masked(model):
-    return {p: m for p, m in model.named_modules() if isinstance(m, CookedLinear) and m.weight_mask is not None}
-
-
 class Stop(Exception):
     pass
 
@@ -37,7 +33,7 @@ def _run(steps, out=None, stop_at=None, schedule=SCHEDULE):
     def record(step, m):
         if step == stop_at:
             raise Stop
-        densities.append(sum(x.density for x in _masked(m).values()) / len(_masked(m)))
+        densities.append(sum(x.density for x in masked_linears(m).values()) / len(masked_linears(m)))
 
     res = train(
         model,
@@ -61,7 +57,7 @@ def test_density_ramps_on_the_schedule_during_train():
     expected = [1 - sparsify.state.sparsity_at(s) for s in (0, 0, 2, 2, 4, 4, 4)]  # recomputed at steps 2, 4
     assert densities == pytest.approx(expected, abs=0.02)
     assert densities[-1] == pytest.approx(0.25, abs=0.02) and sparsify.state.final
-    for m in _masked(model).values():  # final: pruned raw weights are exactly zero
+    for m in masked_linears(model).values():  # final: pruned raw weights are exactly zero
         assert (m.weight.detach()[m.weight_mask == 0] == 0).all()
 
 
@@ -73,5 +69,5 @@ def test_resumed_ramp_matches_an_uninterrupted_one(tmp_path):
     resumed, sparsify, _, res = _run(8, out=tmp_path, schedule=schedule)
     assert res.resumed_from == 4 and sparsify.state.final
     assert res.losses == pytest.approx(ref.losses[4:], rel=1e-5)
-    for path, m in _masked(whole).items():
-        assert torch.equal(m.weight_mask, _masked(resumed)[path].weight_mask), path
+    for path, m in masked_linears(whole).items():
+        assert torch.equal(m.weight_mask, masked_linears(resumed)[path].weight_mask), path
