@@ -44,7 +44,15 @@ def model_optimizer(params: list[nn.Parameter], regs: list, lr: float, weight_de
         if own:
             groups.append({"params": own, "lr": reg.descent_lr, FIXED_LR: reg.descent_lr, "weight_decay": 0.0})
     rest = [p for p in params if id(p) not in taken]
-    return torch.optim.AdamW([{"params": rest}, *groups], lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW([{"params": rest}, *groups], lr=lr, weight_decay=weight_decay, **_kernel(params))
+
+
+def _kernel(params: list[nn.Parameter]) -> dict[str, bool]:
+    """The fused AdamW kernel for plain tensors (on CPU about 10x faster than the default per-tensor loop,
+    which took a third of a MiniLM distillation step); the multi-tensor one for FSDP2's DTensor shards."""
+    from torch.distributed.tensor import DTensor
+
+    return {"foreach": True} if any(isinstance(p, DTensor) for p in params) else {"fused": True}
 
 
 def ascent_optimizer(regs: list) -> torch.optim.Optimizer | None:
