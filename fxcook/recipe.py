@@ -66,6 +66,8 @@ class TrainSection(BaseModel):
     save_every: int | None = Field(None, ge=0)
     seed: int | None = None
     loss: DistillConfig | None = None
+    group_by_length: bool | None = None  # batches of lines of like length: less padding per step
+    trainable: str | list[str] | None = None  # 'all', roles, parameter globs (fxcook.training.trainable)
     data: str | None = None  # text for this stage: 'shakespeare' or a file/directory (default: the run's)
     teacher: Literal["original", "previous"] = "original"  # previous: the model the stage started from
 

@@ -39,6 +39,7 @@ from fxcook.recipe import Recipe, build_passes
 from fxcook.training.checkpoints import claim_out
 from fxcook.training.loop import train
 from fxcook.training.losses import DistillLoss
+from fxcook.training.trainable import apply_trainable
 
 STAGES_DIR, PLAN, FINISHED = "stages", "plan.json", "finished"
 STATE, SUMMARY = "state.pt", "stage.json"
@@ -289,6 +290,9 @@ def run_stages(
         results.append(result)
         if i <= last_done:
             _restore_finished(cooked, folders[i] / FINISHED, result, load_state=i == last_done)
+            trainable = (stage_settings(recipe, i, defaults, overrides) or {}).get("trainable")
+            if trainable is not None:  # what the stage froze stays frozen for the stages after it
+                apply_trainable(cooked, trainable)
             continue
         stage_cb = None if callback is None else lambda step, m, i=i: callback(i, step, m)
         _fresh_stage(cooked, model, recipe, i, result, calibration_for, defaults, overrides, tokenizer, data,

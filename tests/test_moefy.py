@@ -13,8 +13,9 @@ from fxcook.errors import PassError, PreconditionError
 from fxcook.nn import CookedLinear
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify
 from fxcook.passes.moefy.partition import balanced_kmeans, coactivation_partition
-from fxcook.passes.moefy.routed import MoEFFN
+from fxcook.passes.moefy.routed import MoEFFN, masked_ffn, routed_ffn
 from fxcook.passes.moefy.router import router_recall, train_router
+from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TokenQuant
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import main_output
 
@@ -67,7 +68,39 @@ def test_routed_topk_equals_masked_dense_ffn(experts, k, gated, act, seed):
     keep = torch.zeros(11, experts).scatter(1, moe.scores(x).topk(k, -1).indices, 1.0)
     h = (moe.intermediate(x) * keep[..., None]).reshape(11, -1)
     want = F.linear(h, moe.down.dense_weight(), moe.down.bias)
-    torch.testing.assert_close(moe(x), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(moe.eval()(x), want, rtol=1e-4, atol=1e-5)  # routed: chosen experts only
+    torch.testing.assert_close(moe.train()(x), want, rtol=1e-4, atol=1e-5)  # training: masked dense
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    experts=st.sampled_from([2, 4, 8]),
+    k=st.integers(1, 8),
+    gated=st.booleans(),
+    act=st.sampled_from(["relu", "silu"]),
+    quant=st.sampled_from([None, "token", "tensor"]),
+    seed=st.integers(0, 100),
+)
+def test_training_form_has_the_routed_values_and_gradients(experts, k, gated, act, quant, seed):
+    """masked_ffn (what training runs) computes routed_ffn's output and the same gradients for the
+    input and every weight, with the down projection's input fake-quantized per token or per tensor."""
+    k, m, d, t = min(k, experts), 3, 8, 13
+    g = torch.Generator().manual_seed(seed)
+    leaf = lambda *shape: torch.randn(*shape, generator=g).requires_grad_()  # noqa: E731
+    weights = [leaf(experts, m, d), leaf(experts, m), leaf(experts, m, d) if gated else None]
+    weights += [leaf(experts, m) if gated else None, leaf(experts, d, m), leaf(d)]
+    x, scores = leaf(t, d), torch.randn(t, experts, generator=g)
+    hq = {None: None, "token": TokenQuant(8), "tensor": DynamicTensorQuant()}[quant]
+    probe = torch.randn(t, d, generator=g)
+    got = []
+    for ffn in (routed_ffn, masked_ffn):
+        y = ffn(x, scores, *weights[:4], weights[4], weights[5], k, act, hq)
+        leaves = [x, *(w for w in weights if w is not None)]
+        got.append((y, torch.autograd.grad((y * probe).sum(), leaves)))
+    (y_routed, g_routed), (y_masked, g_masked) = got
+    torch.testing.assert_close(y_masked, y_routed, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_masked, g_routed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=15, deadline=None)

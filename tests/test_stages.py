@@ -12,7 +12,8 @@ from fxcook.recipe import parse_recipe
 from fxcook.stages import run_stages
 
 CAL = {"samples": 16, "batch_size": 8, "max_length": 16}
-TRAIN = {"steps": 4, "batch_size": 4, "max_length": 16, "save_every": 2, "lr": 1e-3}
+TRAIN = {"steps": 4, "batch_size": 4, "max_length": 16, "save_every": 2, "lr": 1e-3, "group_by_length": True}
+FROZEN = ["encoder.*", "embeddings.LayerNorm.*"]  # the word, position and type embeddings do not train
 SPARSE = [{"sparsify": {"pattern": "2:4", "method": "wanda"}}]
 QUANT = [{"quantize": {"weights": "int8/channel", "acts": "int8/token"}}]
 
@@ -21,7 +22,7 @@ def staged(**second) -> dict:
     return {
         "calibration": CAL,
         "stages": [
-            {"name": "sparse", "passes": SPARSE, "train": TRAIN},
+            {"name": "sparse", "passes": SPARSE, "train": {**TRAIN, "trainable": FROZEN}},
             {"name": "quant", "passes": QUANT, "train": {**TRAIN, **second}},
         ],
     }
@@ -74,12 +75,15 @@ def test_two_stages_equal_the_two_recipes_by_hand(tiny):
     settings = {k: v for k, v in TRAIN.items() if k != "steps"}
     hand = compile(model, first.build(calibration=cal), dict(tok(lines[:2], padding=True, return_tensors="pt")))
     loss = {"hidden_mse": 1.0, "hidden_cos": 1.0}
-    train(hand, model, lines, DistillLoss(**loss), tokenizer=tok, steps=4, progress=False, **settings)
+    train(hand, model, lines, DistillLoss(**loss), tokenizer=tok, steps=4, progress=False, trainable=FROZEN, **settings)
     previous = __import__("copy").deepcopy(hand).eval()
     apply(hand, second.build(calibration=cal))
     train(hand, previous, lines, DistillLoss(**loss), tokenizer=tok, steps=4, progress=False, **settings)
 
     _same_state(run.model, hand)
+    assert torch.equal(run.model.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
+    trained = run.model.get_submodule("encoder.layer.0.output.dense").weight
+    assert not torch.equal(trained, model.encoder.layer[0].output.dense.weight)
     assert [e["pass"] for e in run.model.pass_entries] == ["sparsify", "quantize"]
     assert [s.steps for s in run.stages] == [4, 4]
 

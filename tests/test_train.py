@@ -116,6 +116,41 @@ def test_sampler_splits_each_global_batch_exactly(size, accum, world, step, seed
     assert s.indices(step) == StepSampler(size, global_batch, seed).indices(step)  # pure in (seed, step)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 60), min_size=1, max_size=300),
+    global_batch=st.sampled_from([1, 2, 4, 8]),
+    seed=st.integers(0, 99),
+)
+def test_length_grouped_batches_cover_each_epoch_and_hold_like_lengths(lengths, global_batch, seed):
+    """Grouping reorders an epoch, never drops or repeats a line; within each group of GROUP batches the
+    batches are runs of the group sorted by length (no two overlap in length); pure in (seed, step)."""
+    size, lens = len(lengths), torch.tensor(lengths)
+    s = StepSampler(size, global_batch, seed, lens)
+    epoch = s._epoch(3)
+    assert sorted(epoch.tolist()) == list(range(size))
+    span = global_batch * StepSampler.GROUP
+    for group in epoch.split(span):
+        runs = sorted((int(lens[b].min()), int(lens[b].max())) for b in group.split(global_batch))
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(runs, runs[1:]))
+    steps = range(0, 2 * size // global_batch + 2)
+    again = StepSampler(size, global_batch, seed, lens)
+    assert [s.indices(i) for i in steps] == [again.indices(i) for i in reversed(steps)][::-1]
+
+
+def test_dataset_lengths_count_the_tokens_batches_hold(minilm):
+    _, tok = minilm
+    lines = ["To be, or not to be", "a", "Now is the winter of our discontent made glorious summer " * 4]
+    data = TextDataset(lines, tok, max_length=16)
+    assert data.lengths().tolist() == data.batch([0, 1, 2])["attention_mask"].sum(-1).tolist()
+    tensors = TensorDataset(
+        {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])}
+    )
+    assert tensors.lengths().tolist() == [5, 2]
+    with pytest.raises(FxcookError, match="one length per example"):
+        StepSampler(3, 2, 0, torch.tensor([1, 2]))
+
+
 def test_bad_data_gives_clear_errors(minilm):
     _, tok = minilm
     with pytest.raises(FxcookError, match="empty"):

@@ -179,6 +179,7 @@ def train(
     callback=None,
     eval_every: int = 0,
     trainable=None,
+    group_by_length: bool = False,
 ) -> TrainResult:
     """Train `cooked` (QAT/masks included) against `loss`, distilling from `teacher` if given.
 
@@ -195,6 +196,8 @@ def train(
     every rank every `eval_every` steps (and at step 0); a dict it returns joins that step's log row.
     `trainable` ("all", "lora+norm", or parameter globs; see fxcook.training.trainable) freezes the
     rest of the student; None trains what already requires grad (a Lora pass froze its base weights).
+    `group_by_length` fills each batch with lines of like length (`StepSampler`), so little of a step's
+    compute goes to padding (on Shakespeare lines, batch 16: about half as many tokens per step).
     """
     if data is None:
         raise FxcookError("train needs data=")
@@ -223,7 +226,7 @@ def train(
     torch.manual_seed(seed)  # identical projection init on every rank
     random.seed(seed)
     dataset = as_dataset(data, tokenizer, max_length)
-    sampler = StepSampler(len(dataset), batch_size, seed)
+    sampler = StepSampler(len(dataset), batch_size, seed, dataset.lengths() if group_by_length else None)
     sampler.split(0, grad_accum, world, rank)  # checks divisibility up front
 
     probe = dataset.batch(sampler.indices(0)[:2])

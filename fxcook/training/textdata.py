@@ -2,7 +2,9 @@
 
 Batches are a pure function of (seed, step): `StepSampler` walks an endless stream of seeded epoch
 permutations, so a resumed run sees exactly the batches the interrupted one would have, and a
-global batch splits the same way into micro-batches and ranks whatever the world size.
+global batch splits the same way into micro-batches and ranks whatever the world size. With
+`lengths`, each epoch's batches are grouped by length (lines of like length share a batch), so a
+batch padded to its longest line wastes little compute on padding.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class TextDataset:
         )
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
+    def lengths(self) -> torch.Tensor:
+        """Tokens per line after truncation, as the batches will hold them."""
+        ids = self.tokenizer(self.lines, truncation=True, max_length=self.max_length)["input_ids"]
+        return torch.tensor([len(row) for row in ids])
+
 
 class TensorDataset:
     """Pre-tokenized rows: a mapping of equal-length tensors such as input_ids and attention_mask."""
@@ -60,6 +67,12 @@ class TensorDataset:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return {k: v[idx] for k, v in self.tensors.items()}
 
+    def lengths(self) -> torch.Tensor:
+        """Real tokens per row (the attention mask's count; the row length without one)."""
+        mask = self.tensors.get("attention_mask")
+        ids = self.tensors["input_ids"]
+        return mask.sum(-1) if mask is not None else torch.full((len(ids),), ids.shape[-1])
+
 
 def as_dataset(data, tokenizer=None, max_length: int = 128):
     """A TextDataset/TensorDataset from lines, a mapping of tensors, or a dataset already built."""
@@ -75,15 +88,36 @@ def as_dataset(data, tokenizer=None, max_length: int = 128):
 
 
 class StepSampler:
-    """The example indices of global batch `step`, as a pure function of (seed, step)."""
+    """The example indices of global batch `step`, as a pure function of (seed, step).
 
-    def __init__(self, size: int, global_batch: int, seed: int = 0):
+    With `lengths` (one per example), every `GROUP` global batches of an epoch's permutation are sorted
+    by length, cut into batches and those batches shuffled: each batch holds lines of like length.
+    """
+
+    GROUP = 64
+
+    def __init__(self, size: int, global_batch: int, seed: int = 0, lengths: torch.Tensor | None = None):
         if size <= 0:
             raise FxcookError("cannot sample from an empty dataset")
-        self.size, self.global_batch, self.seed = size, global_batch, seed
+        if lengths is not None and len(lengths) != size:
+            raise FxcookError(f"length grouping needs one length per example: {len(lengths)} for {size} examples")
+        self.size, self.global_batch, self.seed, self.lengths = size, global_batch, seed, lengths
+        self._cached: tuple[int, torch.Tensor] | None = None
 
     def _epoch(self, e: int) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+        if self._cached is not None and self._cached[0] == e:
+            return self._cached[1]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+        perm = torch.randperm(self.size, generator=gen)
+        if self.lengths is not None:
+            batches = []
+            for part in perm.split(self.global_batch * self.GROUP):
+                part = part[torch.argsort(self.lengths[part], stable=True)]
+                cut = part.split(self.global_batch)
+                batches += [cut[i] for i in torch.randperm(len(cut), generator=gen).tolist()]
+            perm = torch.cat(batches)
+        self._cached = (e, perm)
+        return perm
 
     def indices(self, step: int) -> list[int]:
         start = step * self.global_batch

@@ -19,7 +19,7 @@ from torch import nn
 from fxcook.nn import HookedWeight
 from fxcook.passes.moefy.router import MLPRouter
 
-__all__ = ["ACTIVATIONS", "ExpertLinear", "MoEFFN", "routed_ffn"]
+__all__ = ["ACTIVATIONS", "ExpertLinear", "MoEFFN", "masked_ffn", "routed_ffn"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -190,6 +190,40 @@ def routed_ffn(
     return out
 
 
+def masked_ffn(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    up: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    down: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    k: int,
+    act: str,
+    hidden_quant: nn.Module | None = None,
+) -> torch.Tensor:
+    """`routed_ffn`'s values and gradients, computed densely: every expert runs and the neurons of the
+    experts a token did not choose are zeroed before the down projection.
+
+    Training is where this form pays: at top-16 of 32 it does twice the routed multiply-adds, but in
+    three large GEMMs instead of a gather, a GEMM per expert and a scatter each way (on 2 CPU cores a
+    MiniLM distillation step with the routed form took about twice as long). Zeroed neurons pass no
+    gradient, so the same weights train; a per-token or per-tensor `hidden_quant` sees the same
+    absmax, as the zeros add nothing to it.
+    """
+    experts, m, d = up.shape
+    chosen = torch.zeros_like(scores, dtype=x.dtype).scatter_(1, scores.topk(k, dim=-1).indices, 1.0)
+    flat = lambda w, b: F.linear(x, w.reshape(experts * m, d), None if b is None else b.reshape(-1))  # noqa: E731
+    h = ACTIVATIONS[act](flat(gate, gate_bias) if gate is not None else flat(up, up_bias))
+    if gate is not None:
+        h = h * flat(up, up_bias)
+    h = h * chosen.repeat_interleave(m, dim=1)
+    if hidden_quant is not None:
+        h = hidden_quant(h)
+    return F.linear(h, down.permute(1, 0, 2).reshape(down.shape[1], experts * m), down_bias)
+
+
 class MoEFFN(nn.Module):
     """A whole FFN as E routed experts (expert-major weights), computing the top-k per token.
 
@@ -274,7 +308,8 @@ class MoEFFN(nn.Module):
                 h = self.down.input_quant(h)
             out = F.linear(h, self.down.dense_weight(), self.down.bias)
         else:
-            out = routed_ffn(
+            ffn = masked_ffn if torch.is_grad_enabled() and self.training else routed_ffn
+            out = ffn(
                 xq,
                 scores,
                 self.up.effective_weight(),
