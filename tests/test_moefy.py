@@ -13,9 +13,9 @@ from fxcook.errors import PassError, PreconditionError
 from fxcook.nn import CookedLinear
 from fxcook.passes import Moefy, Quantize, Relufy, Sparsify
 from fxcook.passes.moefy.partition import balanced_kmeans, coactivation_partition
-from fxcook.passes.moefy.routed import MoEFFN, masked_ffn, routed_ffn
+from fxcook.passes.moefy.routed import ExpertLinear, MoEFFN, masked_ffn, routed_ffn
 from fxcook.passes.moefy.router import router_recall, train_router
-from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TokenQuant
+from fxcook.passes.quantize.quantizers import DynamicTensorQuant, TokenQuant, WeightQuant
 from fxcook.testing import tiny_inputs, tiny_model
 from fxcook.tracing import main_output
 
@@ -101,6 +101,31 @@ def test_training_form_has_the_routed_values_and_gradients(experts, k, gated, ac
     torch.testing.assert_close(y_masked, y_routed, rtol=1e-4, atol=1e-4)
     for a, b in zip(g_masked, g_routed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    split=st.sampled_from(["out", "in"]),
+    quant=st.sampled_from([{}, {"group_size": 4}, {"learnable": True}]),
+    experts=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 100),
+)
+def test_expert_weights_quantize_as_in_the_original_order(split, quant, experts, seed):
+    """An expert projection's int8 weights (masked, per channel, per group or LSQ) are the original
+    linear's fake-quantized weights permuted: equal values, gradients to float tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (8 * experts, 12) if split == "out" else (12, 8 * experts)
+    lin = CookedLinear(torch.randn(*shape, generator=g))
+    lin.weight_mask = (torch.rand(*shape, generator=g) > 0.5).float()
+    lin.weight_quant = WeightQuant(8, weight=lin.weight.detach(), **quant) if quant else WeightQuant(8)
+    expert = ExpertLinear(lin, torch.randperm(8 * experts, generator=g), experts, split)
+    want = expert._to_experts(lin.weight_quant(lin.weight * lin.weight_mask))
+    got = expert.effective_weight()
+    assert torch.equal(got, want)
+    probe = torch.randn(got.shape, generator=g)
+    (grad,) = torch.autograd.grad((got * probe).sum(), expert.weight)
+    (ref,) = torch.autograd.grad((want * probe).sum(), lin.weight)
+    torch.testing.assert_close(grad, expert._to_experts(ref), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)

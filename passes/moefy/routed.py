@@ -89,9 +89,21 @@ class ExpertLinear(HookedWeight, nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """quant(weight * mask) in expert layout, matching CookedLinear.effective_weight()."""
         w = self.weight if self.weight_mask is None else self.weight * self.weight_mask
-        if self.weight_quant is not None:
-            w = self._to_experts(self.weight_quant(self._from_experts(w)))
-        return w
+        if self.weight_quant is None:
+            return w
+        if self._order_free():  # the same values without the two gathers (a training step does this per call)
+            if self.split == "out":
+                return self.weight_quant(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+            rows = self.weight_quant(w.permute(1, 0, 2).reshape(w.shape[1], -1))
+            return rows.reshape(w.shape[1], self.experts, -1).permute(1, 0, 2)
+        return self._to_experts(self.weight_quant(self._from_experts(w)))
+
+    def _order_free(self) -> bool:
+        """Whether `weight_quant` gives every value the same in expert order as in the original: scales per
+        output channel (absmax over a whole row is order-free), not per input group, and not learned per
+        neuron row in the original order."""
+        q = self.weight_quant
+        return getattr(q, "group_size", 0) is None and (self.split == "in" or not getattr(q, "learnable", True))
 
     def dense_weight(self) -> torch.Tensor:
         """Effective weight as one [out, in] matrix in expert-major neuron order (all experts)."""
