@@ -115,6 +115,7 @@ def run_config(name: str, recipe: Recipe, model, tok, held, train_lines, ref, ar
         fid = _score(m, tok, held, ref)
         clock["t0"] += time.perf_counter() - t  # evaluation is not training time
         row["curve"].append({"stage": i, "step": clock["steps"] + step, "train_s": spent, **fid})
+        print(f"{name}: stage {i} step {clock['steps'] + step}, {spent:.0f} s: {fid}", file=sys.stderr, flush=True)
         return fid
 
     def after(i, m):
