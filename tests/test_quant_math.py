@@ -87,6 +87,42 @@ def test_qat_gradients_reach_weights_and_lsq_scales():
     assert torch.isfinite(x.grad).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    shape=shapes,
+    b=bits,
+    how=st.sampled_from(["token", "channel", "learned", "clipping"]),
+)
+def test_fake_quant_gradients_are_the_straight_through_graphs(seed, shape, b, how):
+    """fake_quant's own backward gives what autograd gives through clamp(round_ste(x / s), -q, q) * s,
+    for x and for the scale: absmax per token or channel (the scale a function of x), a learned scale
+    leaf, and a static scale small enough that codes clip."""
+    q = qmax(b)
+
+    def scale_of(x):
+        if how in ("token", "channel"):
+            return x.abs().amax(dim=-1 if how == "token" else 0, keepdim=True).clamp(min=1e-8) / q
+        return leaf_scale
+
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.randn(*shape, generator=g)
+    x0 = torch.randn(*shape, generator=g)
+    leaf_scale = (torch.rand(shape[0], 1, generator=g) * (0.05 if how == "clipping" else 1) + 1e-3).requires_grad_()
+    reference = lambda x, s: torch.clamp(x / s + (torch.round(x / s) - x / s).detach(), -q, q) * s  # noqa: E731
+    results = []
+    for fn in (fake_quant, reference):
+        x = x0.clone().requires_grad_()
+        s = scale_of(x)
+        y = fn(x, s, b) if fn is fake_quant else fn(x, s)
+        grads = torch.autograd.grad((y * probe).sum(), [x] + ([leaf_scale] if how in ("learned", "clipping") else []))
+        results.append((y, grads))
+    (y, grads), (y_ref, grads_ref) = results
+    assert torch.equal(y, y_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_errors_name_the_problem():
     with pytest.raises(FxcookError, match="bit width"):
         qmax(9)
