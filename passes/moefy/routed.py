@@ -219,8 +219,8 @@ def masked_ffn(
     experts a token did not choose are zeroed before the down projection.
 
     Training is where this form pays: at top-16 of 32 it does twice the routed multiply-adds, but in
-    three large GEMMs instead of a gather, a GEMM per expert and a scatter each way (on 2 CPU cores a
-    MiniLM distillation step with the routed form took about twice as long). Zeroed neurons pass no
+    two or three large GEMMs instead of a gather, a GEMM per expert and a scatter each way (a MiniLM
+    distillation step with the routed form took 1.3-1.7x as long on a CPU thread). Zeroed neurons pass no
     gradient, so the same weights train; a per-token or per-tensor `hidden_quant` sees the same
     absmax, as the zeros add nothing to it.
     """
