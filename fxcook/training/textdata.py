@@ -91,7 +91,9 @@ class StepSampler:
     """The example indices of global batch `step`, as a pure function of (seed, step).
 
     With `lengths` (one per example), every `GROUP` global batches of an epoch's permutation are sorted
-    by length, cut into batches and those batches shuffled: each batch holds lines of like length.
+    by length, cut into batches and those batches shuffled: each batch holds lines of like length. (When
+    the dataset is not a multiple of the batch, later epochs start mid-batch, so a batch at an epoch's
+    seam may join two length runs.)
     """
 
     GROUP = 64
@@ -114,7 +116,8 @@ class StepSampler:
             for part in perm.split(self.global_batch * self.GROUP):
                 part = part[torch.argsort(self.lengths[part], stable=True)]
                 cut = part.split(self.global_batch)
-                batches += [cut[i] for i in torch.randperm(len(cut), generator=gen).tolist()]
+                full = len(part) // self.global_batch  # a short last batch stays last, keeping the rest aligned
+                batches += [cut[i] for i in torch.randperm(full, generator=gen).tolist()] + list(cut[full:])
             perm = torch.cat(batches)
         self._cached = (e, perm)
         return perm
