@@ -119,8 +119,9 @@ def test_fake_quant_gradients_are_the_straight_through_graphs(seed, shape, b, ho
         results.append((y, grads))
     (y, grads), (y_ref, grads_ref) = results
     assert torch.equal(y, y_ref)
-    for got, want in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads[1:], grads_ref[1:], strict=True):  # a scale's gradient sums terms up to |probe| q:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * q * x0.numel())  # float32 summation noise
 
 
 def test_bad_input_errors_name_the_problem():
