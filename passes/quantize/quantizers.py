@@ -60,6 +60,10 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     q = qmax(bits)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuant.apply(x, scale, q)
+    return _quant_dequant(x, scale, q)
+
+
+def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, q: int) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -q, q) * scale
 
 
@@ -72,7 +76,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, q: int) -> torch.Tensor:
         ctx.save_for_backward(x, scale)
         ctx.q = q
-        return torch.clamp(torch.round(x / scale), -q, q) * scale
+        return _quant_dequant(x, scale, q)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
