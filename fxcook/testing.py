@@ -108,13 +108,17 @@ def _rank_main(rank: int, fn, tmp: str) -> None:
 
     import torch.distributed as dist
 
+    from fxcook.training.distributed import exit_distributed
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
     try:
         result = fn(rank, tmp)
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_distributed(0)
 
 
 def on_two_ranks(fn, tmp: str | os.PathLike) -> list:

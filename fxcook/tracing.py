@@ -239,6 +239,17 @@ def export(model: nn.Module, example_inputs: Any, dynamic: bool = True) -> torch
             raise CaptureError(
                 f"cannot capture module {_blame(exc, model)}: {type(exc).__name__}: {construct}"
             ) from exc
+        finally:
+            _forget_export_nodes()
+
+
+def _forget_export_nodes() -> None:
+    """torch.export leaves the last capture's graph nodes in a module-level map it only reads during
+    that export; left there, they keep the last compiled model (and under FSDP2 its process group's
+    threads) alive until the next capture or interpreter exit."""
+    from torch.fx.experimental import proxy_tensor
+
+    getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
 
 
 def _tensor_placeholders(graph: torch.fx.Graph) -> list[int]:

@@ -180,3 +180,16 @@ def test_deepcopy_of_a_copy_is_exact_and_independent(family):
     assert all(p.grad is None for c in copies[:3] for p in c.parameters())
     assert any(p.grad is not None for p in copies[3].parameters())
     copies[3].recompile()
+
+
+def test_a_dropped_compiled_model_is_freed():
+    """Nothing global keeps the last compiled model alive (torch.export's leftover node map did, and
+    under FSDP2 with it the process group)."""
+    import gc
+    import weakref
+
+    cooked = fxcook.compile(tiny_model("llama"), [], tiny_inputs("llama"))
+    ref = weakref.ref(cooked)
+    del cooked
+    gc.collect()
+    assert ref() is None

@@ -110,3 +110,25 @@ def test_two_rank_resume_continues_identically(two_rank):
     r = two_rank[0]
     assert r["resumed_from"] == 2
     assert r["resumed"] == pytest.approx(r["losses"][2:], rel=1e-6)
+
+
+def _exit_worker(rank: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    from fxcook.training.distributed import exit_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
+    dist.barrier()
+    exit_distributed(3 + rank)
+    raise AssertionError("exit_distributed returned inside a process group")
+
+
+def test_exit_distributed_leaves_with_the_code_and_returns_it_without_a_group(tmp_path):
+    import torch.multiprocessing as mp
+
+    from fxcook.training.distributed import exit_distributed
+
+    assert exit_distributed(5) == 5
+    with pytest.raises(mp.ProcessExitedException) as caught:
+        mp.spawn(_exit_worker, args=(str(tmp_path),), nprocs=2)
+    assert caught.value.exit_code == 3 + caught.value.error_index

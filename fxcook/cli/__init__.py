@@ -73,15 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a rank of a torchrun group leaves through `exit_distributed` (see there why)."""
+    from fxcook.training.distributed import exit_distributed
+
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except FxcookError as e:
         print(f"fxcook: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt as e:
         print(f"fxcook: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
+        code = 130
+    return exit_distributed(code)
 
 
 if __name__ == "__main__":

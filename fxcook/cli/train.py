@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fxcook.cli.args import at_least
@@ -168,8 +167,6 @@ def main(args: argparse.Namespace) -> int:
             print(f"fidelity vs fp32 on {len(held_out)} held-out lines:")
             print(f"  one-shot : min cos {before['min_cos']:.4f}  mean cos {before['mean_cos']:.4f}")
             print(f"  distilled: min cos {after['min_cos']:.4f}  mean cos {after['mean_cos']:.4f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

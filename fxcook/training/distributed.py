@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -78,3 +79,20 @@ def barrier() -> None:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     return all_sum([float(flag)], device)[0] > 0
+
+
+def exit_distributed(code: int) -> int:
+    """End a process that joined a process group: destroy the group, flush output and exit with
+    `code` at once; without a group, return `code`.
+
+    Gloo's worker threads free a finished collective's tensors after its caller has woken, and that
+    needs the GIL. One still doing so when the interpreter finalizes takes the GIL of a dying
+    interpreter and the process aborts (SIGABRT after all its output was written, which fails the
+    launcher); skipping finalization closes that window. Every file fxcook writes is complete by
+    then (atomic writes), so nothing is lost."""
+    if not dist.is_initialized():
+        return code
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
