@@ -70,7 +70,7 @@ def test_moefy_annotates_each_ffn():
     for site in ffns:
         (call,) = call_sites(cooked)[site.info["moe"]]
         assert notes[f"{call.owner}/{call.node.name}"] == (
-            "MoE 2/4 experts, oracle router; up int8/channel x int8/token; down int8/channel x int8/token"
+            "MoE 2/4 experts, oracle router; up int8/channel x int8/token; down int8/channel"  # float hidden states
         )
         for key in ("act", "down"):  # split form: the calls left behind compute nothing
             (left,) = call_sites(cooked)[site.info[key]]

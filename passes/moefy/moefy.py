@@ -17,7 +17,8 @@ The rewrite is visible in the graph, in one of two forms:
     act -> down consumes it.
 
 Ordering: after Relufy (MoEfication needs ReLU unless `require_relu=false`), and after Quantize
-and Sparsify, whose hooks (`weight_quant`, `weight_mask`, `input_quant`) the experts inherit.
+and Sparsify, whose hooks (`weight_quant`, `weight_mask`, `input_quant`) the experts inherit, except
+the down projection's `input_quant`: the expert hidden states stay float, as in every routed runtime.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ class Moefy(DataPass):
         x = torch.randn(8, up.in_features, generator=gen).to(up.weight)
         fn = ACTIVATIONS[moe.act]
         h = fn(gate(x)) * up(x) if gate is not None else fn(up(x))
-        want = down(h)
+        want = F.linear(h, down.effective_weight(), down.bias)  # float hidden states, as MoEFFN keeps them
         k = moe.top_k
         moe.top_k = moe.experts
         try:

@@ -133,14 +133,12 @@ def routed_ffn(
     down_bias: torch.Tensor | None,
     k: int,
     act: str,
-    hidden_quant: nn.Module | None = None,
 ) -> torch.Tensor:
     """Top-k routed FFN over tokens x [T, d]; weights in expert-major layout.
 
     up/gate [E, m, d], down [E, d, m]; the activation applies to gate (gated) or up (plain).
     Only the chosen experts run: tokens are grouped per expert and each expert does one GEMM
-    (torch._grouped_mm on CUDA, a loop of GEMMs elsewhere). `hidden_quant` (the down
-    projection's input fake-quant) sees each token's active intermediate values together.
+    (torch._grouped_mm on CUDA, a loop of GEMMs elsewhere).
     """
     fn = ACTIVATIONS[act]
     order, token, counts = _route(scores, k)
@@ -188,9 +186,6 @@ def routed_ffn(
     h = pre.relu_() if inplace and act == "relu" else fn(pre)
     if gate is not None:
         h = h.mul_(gemm(xs, up, up_bias)) if inplace else h * gemm(xs, up, up_bias)
-    if hidden_quant is not None:
-        inv = torch.argsort(order)
-        h = hidden_quant(h[inv].reshape(x.shape[0], -1)).reshape(h.shape)[order]
     y = gemm(h, down, None)
     out = (
         x.new_zeros(x.shape[0], down.shape[1]).index_add_(0, token, y)
@@ -213,7 +208,6 @@ def masked_ffn(
     down_bias: torch.Tensor | None,
     k: int,
     act: str,
-    hidden_quant: nn.Module | None = None,
 ) -> torch.Tensor:
     """`routed_ffn`'s values and gradients, computed densely: every expert runs and the neurons of the
     experts a token did not choose are zeroed before the down projection.
@@ -221,8 +215,7 @@ def masked_ffn(
     Training is where this form pays: at top-16 of 32 it does twice the routed multiply-adds, but in
     two or three large GEMMs instead of a gather, a GEMM per expert and a scatter each way (a MiniLM
     distillation step with the routed form took 1.3-1.7x as long on a CPU thread). Zeroed neurons pass no
-    gradient, so the same weights train; a per-token or per-tensor `hidden_quant` sees the same
-    absmax, as the zeros add nothing to it.
+    gradient, so the same weights train.
     """
     experts, m, d = up.shape
     chosen = torch.zeros_like(scores, dtype=x.dtype).scatter_(1, scores.topk(k, dim=-1).indices, 1.0)
@@ -231,8 +224,6 @@ def masked_ffn(
     if gate is not None:
         h = h * flat(up, up_bias)
     h = h * chosen.repeat_interleave(m, dim=1)
-    if hidden_quant is not None:
-        h = hidden_quant(h)
     return F.linear(h, down.permute(1, 0, 2).reshape(down.shape[1], experts * m), down_bias)
 
 
@@ -241,7 +232,8 @@ class MoEFFN(nn.Module):
 
     `router="oracle"` scores each expert by its true activation mass (needs the dense up
     projection: a quality reference, not a speedup); `router="mlp"` uses a trained `MLPRouter`.
-    With `top_k == experts` the module computes the original FFN (dense GEMMs, same values).
+    With `top_k == experts` the module computes the original FFN (dense GEMMs, same values; the
+    down projection's input stays float, see `__init__`).
     """
 
     def __init__(
@@ -270,6 +262,10 @@ class MoEFFN(nn.Module):
         self.up = ExpertLinear(up, perm, experts, "out")
         self.gate = None if gate is None else ExpertLinear(gate, perm, experts, "out")
         self.down = ExpertLinear(down, perm, experts, "in")
+        # The expert hidden states stay float: every runtime that routes (ONNX Runtime's MoE and
+        # weight-only QMoE, the grouped GEMM) keeps them float between the expert GEMMs, so a
+        # fake-quantized hidden state here would make this module differ from each lowered form.
+        self.down.input_quant = None
         self.router = None
         if router == "mlp":
             self.router = MLPRouter(self.hidden_size, experts, self.centroids())
@@ -315,10 +311,7 @@ class MoEFFN(nn.Module):
         gate_w = None if self.gate is None else self.gate.effective_weight()
         gate_b = None if self.gate is None else self.gate.bias
         if self.top_k == self.experts:
-            h = self.intermediate(xq).reshape(x2.shape[0], -1)
-            if self.down.input_quant is not None:
-                h = self.down.input_quant(h)
-            out = F.linear(h, self.down.dense_weight(), self.down.bias)
+            out = F.linear(self.intermediate(xq).reshape(x2.shape[0], -1), self.down.dense_weight(), self.down.bias)
         else:
             ffn = masked_ffn if torch.is_grad_enabled() and self.training else routed_ffn
             out = ffn(
@@ -332,7 +325,6 @@ class MoEFFN(nn.Module):
                 self.down.bias,
                 self.top_k,
                 self.act,
-                self.down.input_quant,
             )
         return out.reshape(*shape[:-1], out.shape[-1])
 
