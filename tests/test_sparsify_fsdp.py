@@ -29,7 +29,7 @@ def _worker(rank: int, tmp: str) -> dict:
         opt.zero_grad()
         changed.append(len(update_masks(model, step)))
     checks = []
-    for _, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, CookedLinear) and m.weight_mask is not None:
             full = m.weight.full_tensor().detach()
             checks.append([type(m.weight).__name__, is_24(full), bool((full[m.weight_mask == 0] == 0).all())])

@@ -113,13 +113,13 @@ class ExpertLinear(HookedWeight, nn.Module):
         return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
-def _route(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Group (token, expert) slots by expert: slot order, token of each slot, slots per expert."""
+def _route(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, list[int]]:
+    """Group (token, expert) slots by expert: the token of each slot, slots per expert."""
     experts = scores.shape[-1]
     chosen = scores.topk(k, dim=-1).indices.reshape(-1)
     order = torch.argsort(chosen, stable=True)
     counts = torch.bincount(chosen, minlength=experts).tolist()
-    return order, order // k, counts
+    return order // k, counts
 
 
 def routed_ffn(
@@ -141,7 +141,7 @@ def routed_ffn(
     (torch._grouped_mm on CUDA, a loop of GEMMs elsewhere).
     """
     fn = ACTIVATIONS[act]
-    order, token, counts = _route(scores, k)
+    token, counts = _route(scores, k)
     xs = x.index_select(0, token)
     # CUDA grouped GEMM (bf16, 16-byte aligned rows); elsewhere one GEMM per expert.
     use_grouped = (
